@@ -1,0 +1,4 @@
+from hf_moe_offload.cli import main
+
+
+raise SystemExit(main())

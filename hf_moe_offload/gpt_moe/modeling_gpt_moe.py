@@ -1,0 +1,628 @@
+# Copyright 2026 The hf_moe_offload authors. Licensed under the Apache License, Version 2.0.
+#
+# This file travels with every saved GPT-MoE checkpoint (`trust_remote_code=True`): it imports only torch,
+# transformers, the standard library and its sibling `configuration_gpt_moe.py`.
+"""GPT-MoE: a GPT decoder with a top-k Mixture-of-Experts feed-forward on every other block (DeepSpeed-MoE for NLG)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_gpt_moe import GPTMoEConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class GPTMoEModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    router_top_k (`tuple(tuple(torch.FloatTensor, torch.LongTensor))`, *optional*):
+        Per MoE layer, the routing weights `(tokens, k)` (0 for an assignment dropped over capacity) and the chosen
+        expert ids `(tokens, k)` (before capacity), returned with `output_router_top_k=True`.
+    """
+
+    router_top_k: tuple[tuple[torch.FloatTensor, torch.LongTensor], ...] | None = None
+
+
+@dataclass
+class GPTMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    aux_loss (`torch.FloatTensor`):
+        Switch load-balancing loss summed over the MoE layers (Megatron-DeepSpeed convention); `loss` includes
+        `router_aux_loss_coef * aux_loss`.
+    z_loss (`torch.FloatTensor`):
+        Router z-loss summed over the MoE layers; `loss` includes `router_z_loss_coef * z_loss`.
+    layer_aux_losses, layer_z_losses (`torch.FloatTensor` of shape `(num_moe_layers,)`):
+        The same losses per MoE layer, for logging.
+    expert_token_counts (`tuple(torch.LongTensor)`):
+        Per MoE layer, the tokens each expert processed (after capacity), shape `(num_experts,)`.
+    dropped_token_fraction (`torch.FloatTensor` of shape `(num_moe_layers,)`):
+        Per MoE layer, the fraction of token-to-expert assignments dropped over capacity.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+    layer_aux_losses: torch.FloatTensor | None = None
+    layer_z_losses: torch.FloatTensor | None = None
+    expert_token_counts: tuple[torch.LongTensor, ...] | None = None
+    dropped_token_fraction: torch.FloatTensor | None = None
+
+
+class GPTMoEMLP(nn.Module):
+    """The dense feed-forward: `down_proj(act(up_proj(x)))`, with biases (GPT / Megatron)."""
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class GPTMoEExperts(nn.Module):
+    """The experts of one MoE layer, stacked as 3-D weights in the transformers v5 experts layout."""
+
+    def __init__(self, config: GPTMoEConfig, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(num_experts, self.intermediate_dim, self.hidden_dim))
+        self.up_proj_bias = nn.Parameter(torch.empty(num_experts, self.intermediate_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, self.hidden_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        # hidden_states: (tokens, hidden); top_k_index, top_k_weights: (tokens, k). Ids >= num_experts are the
+        # expert-parallel sentinels of tokens routed to another rank: they contribute nothing here.
+        final_hidden_states = torch.zeros_like(hidden_states, dtype=torch.float32)  # (tokens, hidden)
+        for expert_idx in top_k_index.unique().tolist():
+            if expert_idx >= self.num_experts:
+                continue
+            token_idx, top_k_pos = torch.where(top_k_index == expert_idx)
+            current_state = hidden_states[token_idx]  # (expert tokens, hidden)
+            current_hidden_states = F.linear(current_state, self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
+            current_hidden_states = self.act_fn(current_hidden_states)
+            current_hidden_states = F.linear(
+                current_hidden_states, self.down_proj[expert_idx], self.down_proj_bias[expert_idx]
+            )
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.float())
+        return final_hidden_states.to(hidden_states.dtype)
+
+
+class GPTMoERouter(nn.Module):
+    """
+    Top-k gate with DeepSpeed `top1gating` semantics, made deterministic: fp32 logits and softmax, the top-1 weight is
+    the softmax probability (top-k weights with k > 1 are renormalised to sum to 1), capacity per expert
+    `max(ceil(k * tokens / experts * factor), min_capacity)` with first-come priority (random priority in training,
+    DeepSpeed's Random Token Selection), and noise only in training. Dropped assignments keep their expert id and get
+    weight 0, so every experts implementation computes the same thing.
+    """
+
+    def __init__(self, config: GPTMoEConfig, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = config.num_experts_per_tok
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.min_capacity = config.min_capacity
+        self.drop_tokens = config.drop_tokens
+        self.noisy_gate_policy = config.noisy_gate_policy
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+
+    def forward(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        hidden_states = hidden_states.float()  # (tokens, hidden)
+        if self.training and self.noisy_gate_policy == "jitter":
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        router_logits = F.linear(hidden_states, self.weight.float())  # (tokens, num_experts)
+        router_probs = F.softmax(router_logits, dim=-1)  # (tokens, num_experts)
+        selection_scores = router_logits
+        if self.training and self.noisy_gate_policy == "rsample":
+            gumbel = -torch.empty_like(router_logits).exponential_().log()  # (tokens, num_experts)
+            selection_scores = router_logits + gumbel
+        top_k_index = torch.topk(selection_scores, self.top_k, dim=-1).indices  # (tokens, k)
+        top_k_weights = router_probs.gather(-1, top_k_index)  # (tokens, k)
+        if self.top_k > 1:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        capacity = self.expert_capacity(hidden_states.shape[0])
+        if capacity is not None:
+            top_k_weights = top_k_weights * self._within_capacity(top_k_index, capacity)
+        return router_logits, (top_k_weights, top_k_index)
+
+    def expert_capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a batch of `num_tokens`, or `None` when no token is dropped."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if not self.drop_tokens or factor is None:
+            return None
+        return max(math.ceil(self.top_k * num_tokens / self.num_experts * factor), self.min_capacity)
+
+    def _within_capacity(self, top_k_index: torch.Tensor, capacity: int) -> torch.Tensor:
+        # Assignments are served slot by slot (all first choices before any second choice, as DeepSpeed's top-2),
+        # in token order at eval and in a random order in training.
+        num_tokens = top_k_index.shape[0]
+        assignments = top_k_index.t().reshape(-1)  # (k * tokens,) slot-major
+        if self.training:
+            order = torch.cat(
+                [torch.randperm(num_tokens, device=assignments.device) + slot * num_tokens for slot in range(self.top_k)]
+            )  # (k * tokens,)
+        else:
+            order = torch.arange(assignments.shape[0], device=assignments.device)  # (k * tokens,)
+        expert_mask = F.one_hot(assignments[order], self.num_experts)  # (k * tokens, num_experts)
+        position_in_expert = (torch.cumsum(expert_mask, dim=0) * expert_mask).sum(dim=-1) - 1  # (k * tokens,)
+        kept = torch.empty_like(position_in_expert, dtype=torch.bool)
+        kept[order] = position_in_expert < capacity
+        return kept.view(self.top_k, num_tokens).t()  # (tokens, k)
+
+
+class GPTMoESparseMoeBlock(nn.Module):
+    """Router + experts, plus the Residual-MoE dense branch when `use_residual_moe` (DeepSpeed's `use_residual`)."""
+
+    def __init__(self, config: GPTMoEConfig, num_experts: int):
+        super().__init__()
+        self.router = GPTMoERouter(config, num_experts)
+        self.experts = GPTMoEExperts(config, num_experts)
+        if config.use_residual_moe:
+            self.residual_mlp = GPTMoEMLP(config)
+            self.residual_coefficient = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, input_shape[-1])  # (tokens, hidden)
+        _, (top_k_weights, top_k_index) = self.router(hidden_states)
+        expert_output = self.experts(hidden_states, top_k_index, top_k_weights)  # (tokens, hidden)
+        if hasattr(self, "residual_mlp"):
+            coefficient = F.softmax(self.residual_coefficient(hidden_states), dim=-1)  # (tokens, 2)
+            expert_output = expert_output * coefficient[:, 0:1] + self.residual_mlp(hidden_states) * coefficient[:, 1:]
+        return expert_output.reshape(input_shape)
+
+
+class GPTMoERotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = self.config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: GPTMoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # (head_dim / 2,)
+        return inv_freq, 1.0
+
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (b, s, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos.unsqueeze(1)  # (batch, 1, seq, head_dim)
+    sin = sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (batch, heads, q_len, kv_len)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (batch, q_len, heads, head_dim)
+    return attn_output, attn_weights
+
+
+class GPTMoEAttention(nn.Module):
+    """Multi-head self-attention with biases (GPT-2 / Megatron), rotary positions optional."""
+
+    def __init__(self, config: GPTMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (batch, seq, hidden)
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class GPTMoEDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm GPT block; its feed-forward is an MoE block when the config puts more than one expert here."""
+
+    def __init__(self, config: GPTMoEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = GPTMoEAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        num_experts = config.num_experts_at(layer_idx)
+        self.mlp = GPTMoESparseMoeBlock(config, num_experts) if num_experts > 1 else GPTMoEMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + self.dropout(hidden_states)
+        return hidden_states
+
+
+class GPTMoEPreTrainedModel(PreTrainedModel):
+    config: GPTMoEConfig
+    config_class = GPTMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTMoEDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # capacity and the eager experts are data dependent
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(GPTMoERouter, index=0),
+        "router_top_k": OutputRecorder(GPTMoERouter, index=1),
+        "hidden_states": GPTMoEDecoderLayer,
+        "attentions": GPTMoEAttention,
+    }
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, GPTMoEExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, GPTMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class GPTMoEModel(GPTMoEPreTrainedModel):
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.rotary_emb = GPTMoERotaryEmbedding(config=config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(
+            [GPTMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> GPTMoEModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (batch, seq, hidden)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)  # (1, seq)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = None
+        if self.config.position_embedding_type == "learned":
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        else:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        hidden_states = self.dropout(hidden_states)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return GPTMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def router_statistics(
+    router_logits: tuple[torch.Tensor, ...],
+    router_top_k: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+    """
+    Per MoE layer: the Switch load-balancing loss `E * sum_e(mean router prob_e * fraction of tokens whose first
+    choice is e)` (DeepSpeed `top1gating`), the router z-loss `mean(logsumexp(logits) ** 2)`, the tokens each expert
+    processed after capacity and the fraction of dropped assignments. Padding tokens (`attention_mask == 0`) are
+    left out of the losses and counts.
+    """
+    aux_losses, z_losses, token_counts, dropped = [], [], [], []
+    for layer_logits, (top_k_weights, top_k_index) in zip(router_logits, router_top_k):
+        num_tokens, num_experts = layer_logits.shape
+        token_mask = torch.ones(num_tokens, device=layer_logits.device)  # (tokens,)
+        if attention_mask is not None and attention_mask.numel() == num_tokens:
+            token_mask = attention_mask.reshape(-1).to(device=layer_logits.device, dtype=torch.float32)
+        num_real = token_mask.sum().clamp(min=1.0)
+        router_probs = F.softmax(layer_logits.float(), dim=-1)  # (tokens, num_experts)
+        mean_probs = (router_probs * token_mask[:, None]).sum(0) / num_real  # (num_experts,)
+        first_choice = torch.zeros_like(mean_probs).index_add_(0, top_k_index[:, 0], token_mask) / num_real
+        aux_losses.append(num_experts * torch.sum(mean_probs * first_choice))
+        z_losses.append((torch.logsumexp(layer_logits.float(), dim=-1) ** 2 * token_mask).sum() / num_real)
+        kept = (top_k_weights > 0).float() * token_mask[:, None]  # (tokens, k)
+        counts = torch.zeros(num_experts, device=layer_logits.device).index_add_(
+            0, top_k_index.reshape(-1), kept.reshape(-1)
+        )
+        token_counts.append(counts.round().long())
+        dropped.append(1.0 - kept.sum() / (num_real * top_k_index.shape[1]))
+    return {
+        "layer_aux_losses": torch.stack(aux_losses),
+        "layer_z_losses": torch.stack(z_losses),
+        "expert_token_counts": tuple(token_counts),
+        "dropped_token_fraction": torch.stack(dropped),
+    }
+
+
+def _human_count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(count)
+
+
+class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
+
+    def __init__(self, config: GPTMoEConfig):
+        super().__init__(config)
+        self.model = GPTMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def extra_repr(self) -> str:
+        counts = self.config.parameter_counts()
+        return f"parameters: {_human_count(counts['total'])} total, {_human_count(counts['active'])} active per token"
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> GPTMoECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets for the language-modeling loss (shifted inside); `-100` is ignored. With labels, `loss` also holds
+            `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`. Under `Trainer` (which passes
+            `num_items_in_batch`), that term is weighted by this micro-batch's share of the step's label tokens, so it
+            enters each optimizer step exactly once whatever the gradient accumulation and process count.
+        output_router_logits (`bool`, *optional*):
+            Return the router logits and the routing statistics of every MoE layer.
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        has_moe_layers = any(self.config.is_moe_layer(i) for i in self.config.moe_layer_indices)
+        need_routing = has_moe_layers and (output_router_logits or labels is not None)
+        output_router_top_k = kwargs.pop("output_router_top_k", None) or need_routing
+        outputs: GPTMoEModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=need_routing,
+            output_router_top_k=output_router_top_k,
+            **kwargs,
+        )
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (batch, seq, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        stats = {}
+        aux_loss = z_loss = None
+        if need_routing:
+            stats = router_statistics(outputs.router_logits, outputs.router_top_k, attention_mask)
+            aux_loss = stats["layer_aux_losses"].sum()
+            z_loss = stats["layer_z_losses"].sum()
+            if loss is not None:
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    shift_labels = kwargs.get("shift_labels")
+                    counted = shift_labels if shift_labels is not None else labels[..., 1:]
+                    router_loss = router_loss * counted.ne(-100).sum() / num_items_in_batch
+                loss = loss + router_loss.to(loss.device)
+
+        return GPTMoECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            **stats,
+        )
+
+
+__all__ = [
+    "GPTMoECausalLMOutputWithPast",
+    "GPTMoEForCausalLM",
+    "GPTMoEModel",
+    "GPTMoEModelOutputWithPast",
+    "GPTMoEPreTrainedModel",
+]
