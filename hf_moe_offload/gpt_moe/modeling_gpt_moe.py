@@ -179,7 +179,7 @@ class GPTMoERouter(nn.Module):
         assignments = top_k_index.t().reshape(-1)  # (k * tokens,) slot-major
         if self.training:
             order = torch.cat(
-                [torch.randperm(num_tokens, device=assignments.device) + slot * num_tokens for slot in range(self.top_k)]
+                [torch.randperm(num_tokens, device=assignments.device) + s * num_tokens for s in range(self.top_k)]
             )  # (k * tokens,)
         else:
             order = torch.arange(assignments.shape[0], device=assignments.device)  # (k * tokens,)
