@@ -126,7 +126,7 @@ def test_past_key_values_name_still_accepted():
 @pytest.mark.parametrize("variant", ["moe-top1", "moe-top2", "pyramid-residual-rotary"])
 def test_experts_implementations_agree_forward_and_backward(variant):
     grads, logits = {}, {}
-    for implementation in ("eager", "grouped_mm", "batched_mm"):
+    for implementation in ("eager", "grouped_mm", "batched_mm", "sorted_mm"):
         model = tiny_model(**VARIANTS[variant])
         model.set_experts_implementation(implementation)
         model.train()
@@ -136,7 +136,7 @@ def test_experts_implementations_agree_forward_and_backward(variant):
         out.loss.backward()
         logits[implementation] = out.logits.detach()
         grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for implementation in ("grouped_mm", "batched_mm"):
+    for implementation in ("grouped_mm", "batched_mm", "sorted_mm"):
         torch.testing.assert_close(logits[implementation], logits["eager"], rtol=1e-5, atol=1e-5)  # kernel order
         assert grads[implementation].keys() == grads["eager"].keys()
         for name, grad in grads["eager"].items():

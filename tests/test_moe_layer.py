@@ -148,7 +148,7 @@ def test_router_handles_a_single_token():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm"])
 def test_experts_match_naive_forward_and_backward(top_k, implementation):
     config = make_config(num_experts_per_tok=top_k)
     config._experts_implementation = implementation
@@ -169,8 +169,10 @@ def test_experts_match_naive_forward_and_backward(top_k, implementation):
     assert torch.count_nonzero(grads[1][7]) == 0  # the idle expert gets a zero gradient
 
 
-def test_eager_experts_skip_expert_parallel_sentinels():
+@pytest.mark.parametrize("implementation", ["eager", "sorted_mm"])
+def test_experts_skip_expert_parallel_sentinels(implementation):
     config = make_config()
+    config._experts_implementation = implementation
     experts = init_module(GPTMoEExperts(config, 4), std=0.1)
     hidden = torch.randn(6, config.hidden_size)
     index = torch.tensor([[0], [4], [1], [4], [3], [0]])  # 4 == num_experts: routed to another rank
@@ -235,3 +237,20 @@ def test_switch_loss_is_one_for_a_perfectly_uniform_router():
     stats = router_statistics((logits,), ((torch.full((8, 1), 0.25), index),))
     assert stats["layer_aux_losses"].item() == pytest.approx(1.0)
     assert F.softmax(logits, -1)[0, 0] == 0.25
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "silu"])
+def test_sorted_mm_backward_for_any_activation(activation):
+    config = make_config(hidden_act=activation, num_experts_per_tok=2)
+    config._experts_implementation = "sorted_mm"
+    experts = init_module(GPTMoEExperts(config, 4), std=0.1)
+    hidden = torch.randn(10, config.hidden_size, requires_grad=True)
+    index, weights = torch.randint(0, 4, (10, 2)), torch.rand(10, 2, requires_grad=True)
+    out = experts(hidden, index, weights)
+    ref = naive_experts(experts, hidden, index, weights)
+    grad_out = torch.randn_like(out)
+    params = [hidden, weights, experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias]
+    grads = torch.autograd.grad(out, params, grad_out)
+    ref_grads = torch.autograd.grad(ref, params, grad_out.double())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)  # fp32 vs fp64 loop

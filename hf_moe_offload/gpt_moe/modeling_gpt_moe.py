@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, GELUActivation
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -119,6 +120,118 @@ class GPTMoEExperts(nn.Module):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.float())
         return final_hidden_states.to(hidden_states.dtype)
+
+
+class _SortedExpertsFunction(torch.autograd.Function):
+    """
+    The experts of one layer on tokens sorted by expert: one matmul per expert with tokens, written in place into
+    slices of one buffer, and a hand-written backward. Against the generic kernels this saves the scatter-add
+    backward of the token permutation (a permutation's backward is a gather) and the per-expert weight-gradient
+    buffers (each expert writes its slice of one `(E, ...)` gradient once).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias,
+                act_fn):
+        num_tokens, num_top_k = top_k_index.shape
+        num_experts = up_proj.shape[0]
+        expert_ids = top_k_index.reshape(-1)  # (tokens * k,)
+        order = torch.argsort(expert_ids, stable=True)  # (tokens * k,) assignments grouped by expert
+        counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts].tolist()
+        order = order[: sum(counts)]  # drop expert-parallel sentinels (ids >= num_experts), sorted last
+        token_of = order // num_top_k  # (assignments,)
+        sorted_states = hidden_states.index_select(0, token_of)  # (assignments, hidden)
+        sorted_weights = top_k_weights.reshape(-1).index_select(0, order)  # (assignments,)
+        up = sorted_states.new_empty(order.shape[0], up_proj.shape[1])  # (assignments, intermediate)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.addmm(up_proj_bias[expert], sorted_states[start : start + count], up_proj[expert].t(),
+                            out=up[start : start + count])
+            start += count
+        activated = act_fn(up)  # (assignments, intermediate)
+        down = sorted_states.new_empty(order.shape[0], down_proj.shape[1])  # (assignments, hidden)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.addmm(down_proj_bias[expert], activated[start : start + count], down_proj[expert].t(),
+                            out=down[start : start + count])
+            start += count
+        weighted = down * sorted_weights[:, None]  # (assignments, hidden), routing weights are fp32
+        if num_top_k == 1 and order.shape[0] == num_tokens:
+            output = weighted.new_empty(num_tokens, weighted.shape[1]).index_copy_(0, order, weighted)
+        else:
+            output = weighted.new_zeros(num_tokens, weighted.shape[1]).index_add_(0, token_of, weighted)
+        ctx.save_for_backward(sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj)
+        ctx.counts, ctx.num_top_k, ctx.act_fn = counts, num_top_k, act_fn
+        ctx.input_shape, ctx.weights_dtype = hidden_states.shape, top_k_weights.dtype
+        return output.to(hidden_states.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj = ctx.saved_tensors
+        counts, num_top_k = ctx.counts, ctx.num_top_k
+        token_of = order // num_top_k
+        sorted_grad = grad_output.index_select(0, token_of)  # (assignments, hidden)
+        grad_weights = torch.zeros(ctx.input_shape[0] * num_top_k, dtype=ctx.weights_dtype,
+                                   device=grad_output.device)  # (tokens * k,)
+        grad_weights.index_copy_(0, order, (down.float() * sorted_grad.float()).sum(-1).to(ctx.weights_dtype))
+        grad_down = (sorted_grad.float() * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
+        grad_down_proj = torch.empty_like(down_proj)
+        grad_down_bias = down_proj.new_empty(down_proj.shape[:2])
+        grad_activated = torch.empty_like(activated)
+        start = 0
+        for expert, count in enumerate(counts):
+            rows = slice(start, start + count)
+            if count:
+                torch.mm(grad_down[rows].t(), activated[rows], out=grad_down_proj[expert])
+                torch.sum(grad_down[rows], dim=0, out=grad_down_bias[expert])
+                torch.mm(grad_down[rows], down_proj[expert], out=grad_activated[rows])
+            else:
+                grad_down_proj[expert].zero_()
+                grad_down_bias[expert].zero_()
+            start += count
+        if isinstance(ctx.act_fn, GELUActivation) and ctx.act_fn.act is F.gelu:
+            grad_up = torch.ops.aten.gelu_backward(grad_activated, up)
+        else:  # any other activation: differentiate it again on the saved pre-activation
+            with torch.enable_grad():
+                up_leaf = up.detach().requires_grad_()
+                (grad_up,) = torch.autograd.grad(ctx.act_fn(up_leaf), up_leaf, grad_activated)
+        grad_up_proj = torch.empty_like(up_proj)
+        grad_up_bias = up_proj.new_empty(up_proj.shape[:2])
+        grad_sorted_states = torch.empty_like(sorted_states)
+        start = 0
+        for expert, count in enumerate(counts):
+            rows = slice(start, start + count)
+            if count:
+                torch.mm(grad_up[rows].t(), sorted_states[rows], out=grad_up_proj[expert])
+                torch.sum(grad_up[rows], dim=0, out=grad_up_bias[expert])
+                torch.mm(grad_up[rows], up_proj[expert], out=grad_sorted_states[rows])
+            else:
+                grad_up_proj[expert].zero_()
+                grad_up_bias[expert].zero_()
+            start += count
+        grad_hidden = grad_sorted_states.new_zeros(ctx.input_shape).index_add_(0, token_of, grad_sorted_states)
+        return (grad_hidden, None, grad_weights.view(-1, num_top_k), grad_up_proj, grad_up_bias, grad_down_proj,
+                grad_down_bias, None)
+
+
+def sorted_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """
+    `experts_implementation="sorted_mm"`, the GPT-MoE default: per-expert matmuls on expert-sorted tokens with a
+    hand-written backward (`_SortedExpertsFunction`) on the CPU, transformers' `grouped_mm` kernel on accelerators.
+    """
+    if hidden_states.device.type != "cpu" or self.has_gate or not self.has_bias or self.is_transposed:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _SortedExpertsFunction.apply(
+        hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj,
+        self.down_proj_bias, self.act_fn,
+    )
+
+
+ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
 
 
 class GPTMoERouter(nn.Module):
@@ -392,6 +505,10 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": GPTMoEDecoderLayer,
         "attentions": GPTMoEAttention,
     }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # GPT-MoE defaults to its own "sorted_mm" (faster than "grouped_mm" on the CPU, the same kernel on GPUs).
+        return super().get_correct_experts_implementation(requested_experts or "sorted_mm")
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
