@@ -135,10 +135,13 @@ class _SortedExpertsFunction(torch.autograd.Function):
                 act_fn):
         num_tokens, num_top_k = top_k_index.shape
         num_experts = up_proj.shape[0]
-        expert_ids = top_k_index.reshape(-1)  # (tokens * k,)
+        # Assignments with weight 0 (dropped over capacity) are not computed, as in DeepSpeed: they are sorted
+        # last with the expert-parallel sentinels (ids >= num_experts). Their weight gets gradient 0, which is
+        # what the router's capacity mask gives it anyway.
+        expert_ids = top_k_index.reshape(-1).masked_fill(top_k_weights.reshape(-1) == 0, num_experts)  # (tokens*k,)
         order = torch.argsort(expert_ids, stable=True)  # (tokens * k,) assignments grouped by expert
         counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts].tolist()
-        order = order[: sum(counts)]  # drop expert-parallel sentinels (ids >= num_experts), sorted last
+        order = order[: sum(counts)]
         token_of = order // num_top_k  # (assignments,)
         sorted_states = hidden_states.index_select(0, token_of)  # (assignments, hidden)
         sorted_weights = top_k_weights.reshape(-1).index_select(0, order)  # (assignments,)
