@@ -122,6 +122,39 @@ class GPTMoEExperts(nn.Module):
         return final_hidden_states.to(hidden_states.dtype)
 
 
+def _experts_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`inputs[rows of e] @ weight[e].T + bias[e]` for every expert `e`, the rows sorted by expert."""
+    output = inputs.new_empty(inputs.shape[0], weight.shape[1])  # (assignments, out_features)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            torch.addmm(bias[expert], inputs[rows], weight[expert].t(), out=output[rows])
+        start += count
+    return output
+
+
+def _experts_linear_backward(
+    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `_experts_linear` for its weight, bias and inputs; each expert writes its own slices once."""
+    grad_weight = torch.empty_like(weight)  # (experts, out_features, in_features)
+    grad_bias = weight.new_empty(weight.shape[:2])  # (experts, out_features)
+    grad_inputs = torch.empty_like(inputs)  # (assignments, in_features)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            torch.mm(grad_output[rows].t(), inputs[rows], out=grad_weight[expert])
+            torch.sum(grad_output[rows], dim=0, out=grad_bias[expert])
+            torch.mm(grad_output[rows], weight[expert], out=grad_inputs[rows])
+        else:
+            grad_weight[expert].zero_()
+            grad_bias[expert].zero_()
+        start += count
+    return grad_weight, grad_bias, grad_inputs
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     """
     The experts of one layer on tokens sorted by expert: one matmul per expert with tokens, written in place into
@@ -143,23 +176,11 @@ class _SortedExpertsFunction(torch.autograd.Function):
         counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts].tolist()
         order = order[: sum(counts)]
         token_of = order // num_top_k  # (assignments,)
-        sorted_states = hidden_states.index_select(0, token_of)  # (assignments, hidden)
+        sorted_states = hidden_states.index_select(0, token_of).to(up_proj.dtype)  # (assignments, hidden)
         sorted_weights = top_k_weights.reshape(-1).index_select(0, order)  # (assignments,)
-        up = sorted_states.new_empty(order.shape[0], up_proj.shape[1])  # (assignments, intermediate)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                torch.addmm(up_proj_bias[expert], sorted_states[start : start + count], up_proj[expert].t(),
-                            out=up[start : start + count])
-            start += count
-        activated = act_fn(up)  # (assignments, intermediate)
-        down = sorted_states.new_empty(order.shape[0], down_proj.shape[1])  # (assignments, hidden)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                torch.addmm(down_proj_bias[expert], activated[start : start + count], down_proj[expert].t(),
-                            out=down[start : start + count])
-            start += count
+        up = _experts_linear(sorted_states, up_proj, up_proj_bias, counts)  # (assignments, intermediate)
+        activated = act_fn(up)
+        down = _experts_linear(activated, down_proj, down_proj_bias, counts)  # (assignments, hidden)
         weighted = down * sorted_weights[:, None]  # (assignments, hidden), routing weights are fp32
         if num_top_k == 1 and order.shape[0] == num_tokens:
             output = weighted.new_empty(num_tokens, weighted.shape[1]).index_copy_(0, order, weighted)
@@ -167,56 +188,34 @@ class _SortedExpertsFunction(torch.autograd.Function):
             output = weighted.new_zeros(num_tokens, weighted.shape[1]).index_add_(0, token_of, weighted)
         ctx.save_for_backward(sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj)
         ctx.counts, ctx.num_top_k, ctx.act_fn = counts, num_top_k, act_fn
-        ctx.input_shape, ctx.weights_dtype = hidden_states.shape, top_k_weights.dtype
+        ctx.input_shape, ctx.input_dtype = hidden_states.shape, hidden_states.dtype
+        ctx.weights_dtype = top_k_weights.dtype
         return output.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj = ctx.saved_tensors
-        counts, num_top_k = ctx.counts, ctx.num_top_k
-        token_of = order // num_top_k
-        sorted_grad = grad_output.index_select(0, token_of)  # (assignments, hidden)
-        grad_weights = torch.zeros(ctx.input_shape[0] * num_top_k, dtype=ctx.weights_dtype,
+        token_of = order // ctx.num_top_k
+        sorted_grad = grad_output.index_select(0, token_of).float()  # (assignments, hidden)
+        grad_weights = torch.zeros(ctx.input_shape[0] * ctx.num_top_k, dtype=ctx.weights_dtype,
                                    device=grad_output.device)  # (tokens * k,)
-        grad_weights.index_copy_(0, order, (down.float() * sorted_grad.float()).sum(-1).to(ctx.weights_dtype))
-        grad_down = (sorted_grad.float() * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
-        grad_down_proj = torch.empty_like(down_proj)
-        grad_down_bias = down_proj.new_empty(down_proj.shape[:2])
-        grad_activated = torch.empty_like(activated)
-        start = 0
-        for expert, count in enumerate(counts):
-            rows = slice(start, start + count)
-            if count:
-                torch.mm(grad_down[rows].t(), activated[rows], out=grad_down_proj[expert])
-                torch.sum(grad_down[rows], dim=0, out=grad_down_bias[expert])
-                torch.mm(grad_down[rows], down_proj[expert], out=grad_activated[rows])
-            else:
-                grad_down_proj[expert].zero_()
-                grad_down_bias[expert].zero_()
-            start += count
+        grad_weights.index_copy_(0, order, (down.float() * sorted_grad).sum(-1).to(ctx.weights_dtype))
+        grad_down = (sorted_grad * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
+        grad_down_proj, grad_down_bias, grad_activated = _experts_linear_backward(
+            grad_down, activated, down_proj, ctx.counts
+        )
         if isinstance(ctx.act_fn, GELUActivation) and ctx.act_fn.act is F.gelu:
             grad_up = torch.ops.aten.gelu_backward(grad_activated, up)
         else:  # any other activation: differentiate it again on the saved pre-activation
             with torch.enable_grad():
                 up_leaf = up.detach().requires_grad_()
                 (grad_up,) = torch.autograd.grad(ctx.act_fn(up_leaf), up_leaf, grad_activated)
-        grad_up_proj = torch.empty_like(up_proj)
-        grad_up_bias = up_proj.new_empty(up_proj.shape[:2])
-        grad_sorted_states = torch.empty_like(sorted_states)
-        start = 0
-        for expert, count in enumerate(counts):
-            rows = slice(start, start + count)
-            if count:
-                torch.mm(grad_up[rows].t(), sorted_states[rows], out=grad_up_proj[expert])
-                torch.sum(grad_up[rows], dim=0, out=grad_up_bias[expert])
-                torch.mm(grad_up[rows], up_proj[expert], out=grad_sorted_states[rows])
-            else:
-                grad_up_proj[expert].zero_()
-                grad_up_bias[expert].zero_()
-            start += count
+        grad_up_proj, grad_up_bias, grad_sorted_states = _experts_linear_backward(
+            grad_up, sorted_states, up_proj, ctx.counts
+        )
         grad_hidden = grad_sorted_states.new_zeros(ctx.input_shape).index_add_(0, token_of, grad_sorted_states)
-        return (grad_hidden, None, grad_weights.view(-1, num_top_k), grad_up_proj, grad_up_bias, grad_down_proj,
-                grad_down_bias, None)
+        return (grad_hidden.to(ctx.input_dtype), None, grad_weights.view(-1, ctx.num_top_k), grad_up_proj,
+                grad_up_bias, grad_down_proj, grad_down_bias, None)
 
 
 def sorted_mm_experts_forward(
