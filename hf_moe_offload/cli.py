@@ -15,10 +15,9 @@ def _demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     config = GPTMoEConfig.from_preset(args.preset)
     model = GPTMoEForCausalLM(config).eval()
-    counts = config.parameter_counts()
     print(f"GPT-MoE preset {args.preset!r} (random weights): {config.num_hidden_layers} layers, hidden "
           f"{config.hidden_size}, MoE layers {config.moe_layer_indices} with {config.num_experts} experts, "
-          f"top-{config.num_experts_per_tok}; {counts['total']:,} parameters, {counts['active']:,} active per token")
+          f"top-{config.num_experts_per_tok}; {config.parameter_summary()}")
     prompt = torch.randint(0, config.vocab_size, (args.batch_size, 4))
     with torch.no_grad():
         start = time.perf_counter()
@@ -41,10 +40,11 @@ def _presets(args: argparse.Namespace) -> int:
 
     for name in PRESETS:
         config = GPTMoEConfig.from_preset(name)
-        counts = config.parameter_counts()
-        print(f"{name:14s} layers={config.num_hidden_layers:3d} hidden={config.hidden_size:5d} "
-              f"experts={config.num_experts!s:22s} total={counts['total'] / 1e9:8.3f}B "
-              f"active={counts['active'] / 1e9:7.3f}B")
+        experts = config.num_experts if isinstance(config.num_experts, int) else "/".join(
+            f"{count}x{config.num_experts.count(count)}" for count in dict.fromkeys(config.num_experts)
+        )
+        print(f"{name:12s} layers={config.num_hidden_layers:<3d} hidden={config.hidden_size:<5d} "
+              f"experts={experts!s:<10s} {config.parameter_summary()}")
     return 0
 
 

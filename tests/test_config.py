@@ -99,3 +99,24 @@ def test_bad_preset_lists_the_valid_ones():
         GPTMoEConfig.from_preset("gpt5")
     for name in PRESETS:
         assert name in str(error.value)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"hidden_size": "abc"}, "hidden_size"),
+    ({"num_experts": 2.5}, "num_experts"),
+    ({"capacity_factor": "1"}, "capacity_factor"),
+])
+def test_wrong_types_are_refused_by_strict_config_checking(overrides, field):
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        GPTMoEConfig.from_preset("tiny-moe", **overrides)
+
+
+def test_invalid_value_assigned_after_construction_is_refused_at_save(tmp_path):
+    config = GPTMoEConfig.from_preset("tiny-moe")
+    config.num_experts = 0
+    with pytest.raises(Exception, match=r"num_experts \(0\) must be >= 1") as error:
+        config.save_pretrained(tmp_path)
+    assert isinstance(error.value.__cause__, ValueError)
+    assert not (tmp_path / "config.json").exists()

@@ -4,8 +4,7 @@
 # transformers, the standard library and its sibling `modeling_gpt_moe.py`.
 """GPT-MoE model configuration (DeepSpeed-MoE for NLG)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `@strict` type-checks the fields from their runtime annotations.
 import math
 
 from huggingface_hub.dataclasses import strict
@@ -56,6 +55,13 @@ PRESETS: dict[str, dict] = {
 
 NOISY_GATE_POLICIES = (None, "jitter", "rsample")
 POSITION_EMBEDDING_TYPES = ("learned", "rotary")
+
+
+def _human_count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(count)
 
 
 @strict
@@ -165,7 +171,7 @@ class GPTMoEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> GPTMoEConfig:
+    def from_preset(cls, name: str, **kwargs) -> "GPTMoEConfig":
         """A config of the seed's model family (`PRESETS`), with any field overridden by `kwargs`."""
         if name not in PRESETS:
             raise ValueError(f"unknown GPT-MoE preset {name!r}; valid presets are: {', '.join(PRESETS)}")
@@ -211,6 +217,11 @@ class GPTMoEConfig(PreTrainedConfig):
             total += router + experts * mlp + residual
             active += router + min(self.num_experts_per_tok, experts) * mlp + residual
         return {"total": total, "active": active, "embedding": embeddings}
+
+    def parameter_summary(self) -> str:
+        """`"13.2B total, 357M active per token"`: for `repr`, model cards and the command line."""
+        counts = self.parameter_counts()
+        return f"{_human_count(counts['total'])} total, {_human_count(counts['active'])} active per token"
 
     # -- validation: every rule raises ValueError naming the field, the value and the rule -----------------------
 

@@ -637,13 +637,6 @@ def router_statistics(
     }
 
 
-def _human_count(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.3g}{unit}"
-    return str(count)
-
-
 class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -658,8 +651,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def extra_repr(self) -> str:
-        counts = self.config.parameter_counts()
-        return f"parameters: {_human_count(counts['total'])} total, {_human_count(counts['active'])} active per token"
+        return f"parameters: {self.config.parameter_summary()}"
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
