@@ -3,8 +3,9 @@
 Shape (issue #2): 4096 tokens, hidden 512, FFN 2048, E = 16 and 128 experts, top-1, training mode with the presets'
 capacity factor 1.0 and min capacity 4, on the CPU. Each timed step is what a training step does to the layer:
 gradients set to None (as `optimizer.zero_grad()` does), forward, backward with a random upstream gradient. Dense and
-MoE steps are interleaved so that both see the same machine state; the ratio is min(MoE) / min(dense) (the least
-disturbed run of each, the usual estimator on a shared machine), the medians are printed too.
+MoE steps are interleaved so that both see the same machine state (`--sequential` times them as two series instead);
+the ratio is min(MoE) / min(dense), the least disturbed run of each, the usual estimator on a shared machine; the
+medians are printed too.
 
     python benchmarks/moe_layer.py                       # fp32, prints a markdown table
     python benchmarks/moe_layer.py --dtype bfloat16 --implementations sorted_mm grouped_mm
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--implementations", nargs="+", default=["sorted_mm", "grouped_mm", "eager"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sequential", action="store_true",
+                        help="time all dense steps, then all MoE steps, instead of interleaving them")
     parser.add_argument("--eager-max-experts", type=int, default=16,
                         help="skip 'eager' above this many experts (its per-expert weight slices make it O(E^2))")
     args = parser.parse_args()
@@ -73,9 +76,13 @@ def main() -> None:
             times = {"dense": [], "moe": []}
             for step in steps.values():
                 step()  # warm-up
-            for _ in range(args.repeats):
+            if args.sequential:
                 for name, step in steps.items():
-                    times[name].append(step())
+                    times[name] = [step() for _ in range(args.repeats)]
+            else:
+                for _ in range(args.repeats):
+                    for name, step in steps.items():
+                        times[name].append(step())
             dense_s, moe_s = min(times["dense"]), min(times["moe"])
             medians = statistics.median(times["dense"]), statistics.median(times["moe"])
             _, (weights, _) = moe.router(hidden.detach())

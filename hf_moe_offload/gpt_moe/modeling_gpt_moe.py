@@ -242,7 +242,7 @@ class GPTMoERouter(nn.Module):
     the softmax probability (top-k weights with k > 1 are renormalised to sum to 1), capacity per expert
     `max(ceil(k * tokens / experts * factor), min_capacity)` with first-come priority (random priority in training,
     DeepSpeed's Random Token Selection), and noise only in training. Dropped assignments keep their expert id and get
-    weight 0, so every experts implementation computes the same thing.
+    weight 0 (only the residual passes), a form every experts implementation handles.
     """
 
     def __init__(self, config: GPTMoEConfig, num_experts: int):
@@ -298,8 +298,9 @@ class GPTMoERouter(nn.Module):
             )  # (k * tokens,)
         else:
             order = torch.arange(assignments.shape[0], device=assignments.device)  # (k * tokens,)
-        expert_mask = F.one_hot(assignments[order], self.num_experts)  # (k * tokens, num_experts)
-        position_in_expert = (torch.cumsum(expert_mask, dim=0) * expert_mask).sum(dim=-1) - 1  # (k * tokens,)
+        served = assignments[order]  # (k * tokens,) in serving order
+        expert_mask = F.one_hot(served, self.num_experts)  # (k * tokens, num_experts)
+        position_in_expert = torch.cumsum(expert_mask, dim=0).gather(1, served[:, None]).squeeze(1) - 1
         kept = torch.empty_like(position_in_expert, dtype=torch.bool)
         kept[order] = position_in_expert < capacity
         return kept.view(self.top_k, num_tokens).t()  # (tokens, k)
