@@ -124,9 +124,13 @@ def test_past_key_values_name_still_accepted():
 
 
 @pytest.mark.parametrize("variant", ["moe-top1", "moe-top2", "pyramid-residual-rotary"])
-def test_experts_implementations_agree_forward_and_backward(variant):
+def test_experts_implementations_agree_forward_and_backward(variant, monkeypatch):
     grads, logits = {}, {}
-    for implementation in ("eager", "grouped_mm", "batched_mm", "sorted_mm"):
+    runs = ("eager", "grouped_mm", "batched_mm", "sorted_mm:sorted", "sorted_mm:padded")
+    for run in runs:
+        implementation, _, layout = run.partition(":")
+        if layout:  # force each of sorted_mm's two row layouts
+            monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
         model = tiny_model(**VARIANTS[variant])
         model.set_experts_implementation(implementation)
         model.train()
@@ -134,13 +138,13 @@ def test_experts_implementations_agree_forward_and_backward(variant):
         ids = inputs()
         out = model(ids, labels=ids)
         out.loss.backward()
-        logits[implementation] = out.logits.detach()
-        grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for implementation in ("grouped_mm", "batched_mm", "sorted_mm"):
-        torch.testing.assert_close(logits[implementation], logits["eager"], rtol=1e-5, atol=1e-5)  # kernel order
-        assert grads[implementation].keys() == grads["eager"].keys()
+        logits[run] = out.logits.detach()
+        grads[run] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for run in runs[1:]:
+        torch.testing.assert_close(logits[run], logits["eager"], rtol=1e-5, atol=1e-5)  # kernel summation order
+        assert grads[run].keys() == grads["eager"].keys()
         for name, grad in grads["eager"].items():
-            torch.testing.assert_close(grads[implementation][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(grads[run][name], grad, rtol=1e-4, atol=1e-6, msg=f"{run} {name}")
 
 
 def test_save_load_round_trip(tmp_path):

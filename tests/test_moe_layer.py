@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_moe_offload import GPTMoEConfig
+from hf_moe_offload.gpt_moe import modeling_gpt_moe
 from hf_moe_offload.gpt_moe.modeling_gpt_moe import (
     GPTMoEExperts,
     GPTMoEMLP,
@@ -16,6 +17,13 @@ from hf_moe_offload.gpt_moe.modeling_gpt_moe import (
     GPTMoESparseMoeBlock,
     router_statistics,
 )
+
+
+@pytest.fixture(params=["sorted", "padded"])
+def sorted_mm_layout(request, monkeypatch):
+    """Runs a `sorted_mm` test with each of its two row layouts forced."""
+    monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if request.param == "sorted" else 1e9)
+    return request.param
 
 
 def make_config(**overrides) -> GPTMoEConfig:
@@ -148,8 +156,13 @@ def test_router_handles_a_single_token():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm"])
-def test_experts_match_naive_forward_and_backward(top_k, implementation):
+@pytest.mark.parametrize(
+    "implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm:sorted", "sorted_mm:padded"]
+)
+def test_experts_match_naive_forward_and_backward(top_k, implementation, monkeypatch):
+    implementation, _, layout = implementation.partition(":")
+    if layout:
+        monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
     config = make_config(num_experts_per_tok=top_k)
     config._experts_implementation = implementation
     experts = init_module(GPTMoEExperts(config, 8), std=0.1)
@@ -170,7 +183,7 @@ def test_experts_match_naive_forward_and_backward(top_k, implementation):
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sorted_mm"])
-def test_experts_skip_expert_parallel_sentinels(implementation):
+def test_experts_skip_expert_parallel_sentinels(implementation, sorted_mm_layout):
     config = make_config()
     config._experts_implementation = implementation
     experts = init_module(GPTMoEExperts(config, 4), std=0.1)
@@ -240,7 +253,7 @@ def test_switch_loss_is_one_for_a_perfectly_uniform_router():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "silu"])
-def test_sorted_mm_backward_for_any_activation(activation):
+def test_sorted_mm_backward_for_any_activation(activation, sorted_mm_layout):
     config = make_config(hidden_act=activation, num_experts_per_tok=2)
     config._experts_implementation = "sorted_mm"
     experts = init_module(GPTMoEExperts(config, 4), std=0.1)
@@ -254,3 +267,20 @@ def test_sorted_mm_backward_for_any_activation(activation):
     ref_grads = torch.autograd.grad(ref, params, grad_out.double())
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)  # fp32 vs fp64 loop
+
+
+@pytest.mark.parametrize(("index", "layout"), [
+    (torch.arange(32).remainder(8)[:, None], "padded"),  # balanced: 4 rows per expert, no padding
+    (torch.zeros(32, 1, dtype=torch.long), "sorted"),  # one hot expert: padding would waste 7/8 of the rows
+])
+def test_sorted_mm_picks_the_padded_layout_only_when_it_wastes_little(index, layout, monkeypatch):
+    config = make_config()
+    config._experts_implementation = "sorted_mm"
+    experts = init_module(GPTMoEExperts(config, 8), std=0.1)
+    used = []
+    monkeypatch.setattr(modeling_gpt_moe, "_padded_linear", lambda *a: used.append("padded") or torch.baddbmm(
+        a[2].unsqueeze(1), a[0], a[1].transpose(1, 2)))
+    hidden = torch.randn(32, config.hidden_size)
+    out = experts(hidden, index, torch.rand(32, 1))
+    assert ("padded" if used else "sorted") == layout
+    assert out.shape == hidden.shape

@@ -122,7 +122,14 @@ class GPTMoEExperts(nn.Module):
         return final_hidden_states.to(hidden_states.dtype)
 
 
-def _experts_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: list[int]) -> torch.Tensor:
+# The experts run in one of two layouts of the routed token rows. "Sorted": rows grouped by expert, one matmul per
+# expert with tokens. "Padded": a (experts, capacity, features) buffer and batched matmuls, which keep the GEMMs as
+# efficient as the dense layer's; it is used when padding every expert to the busiest one's load wastes at most this
+# fraction of the rows (so in training with a capacity limit, not for skewed dropless batches).
+_PADDED_LAYOUT_MAX_WASTE = 0.15
+
+
+def _sorted_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`inputs[rows of e] @ weight[e].T + bias[e]` for every expert `e`, the rows sorted by expert."""
     output = inputs.new_empty(inputs.shape[0], weight.shape[1])  # (assignments, out_features)
     start = 0
@@ -134,10 +141,10 @@ def _experts_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return output
 
 
-def _experts_linear_backward(
+def _sorted_linear_backward(
     grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, counts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `_experts_linear` for its weight, bias and inputs; each expert writes its own slices once."""
+    """Gradients of `_sorted_linear` for its weight, bias and inputs; each expert writes its own slices once."""
     grad_weight = torch.empty_like(weight)  # (experts, out_features, in_features)
     grad_bias = weight.new_empty(weight.shape[:2])  # (experts, out_features)
     grad_inputs = torch.empty_like(inputs)  # (assignments, in_features)
@@ -155,12 +162,24 @@ def _experts_linear_backward(
     return grad_weight, grad_bias, grad_inputs
 
 
+def _padded_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`inputs[e] @ weight[e].T + bias[e]` for every expert, on a (experts, capacity, in_features) buffer."""
+    return torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))  # (experts, capacity, out_features)
+
+
+def _padded_linear_backward(
+    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `_padded_linear`; padding rows hold zero gradients, so they add nothing."""
+    return torch.bmm(grad_output.transpose(1, 2), inputs), grad_output.sum(dim=1), torch.bmm(grad_output, weight)
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     """
-    The experts of one layer on tokens sorted by expert: one matmul per expert with tokens, written in place into
-    slices of one buffer, and a hand-written backward. Against the generic kernels this saves the scatter-add
-    backward of the token permutation (a permutation's backward is a gather) and the per-expert weight-gradient
-    buffers (each expert writes its slice of one `(E, ...)` gradient once).
+    The experts of one layer on the routed token rows grouped by expert (sorted or padded layout, see above), with a
+    hand-written backward. Against the generic kernels this saves the scatter-add backward of the token permutation
+    (a permutation's backward is a gather) and the per-expert weight-gradient buffers (each expert writes its slice
+    of one `(E, ...)` gradient once).
     """
 
     @staticmethod
@@ -172,21 +191,37 @@ class _SortedExpertsFunction(torch.autograd.Function):
         # last with the expert-parallel sentinels (ids >= num_experts). Their weight gets gradient 0, which is
         # what the router's capacity mask gives it anyway.
         expert_ids = top_k_index.reshape(-1).masked_fill(top_k_weights.reshape(-1) == 0, num_experts)  # (tokens*k,)
-        order = torch.argsort(expert_ids, stable=True)  # (tokens * k,) assignments grouped by expert
+        sorted_ids, order = torch.sort(expert_ids, stable=True)  # (tokens * k,) assignments grouped by expert
         counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts].tolist()
-        order = order[: sum(counts)]
+        num_assignments = sum(counts)
+        order, sorted_ids = order[:num_assignments], sorted_ids[:num_assignments]
         token_of = order // num_top_k  # (assignments,)
-        sorted_states = hidden_states.index_select(0, token_of).to(up_proj.dtype)  # (assignments, hidden)
+        states = hidden_states.index_select(0, token_of).to(up_proj.dtype)  # (assignments, hidden)
         sorted_weights = top_k_weights.reshape(-1).index_select(0, order)  # (assignments,)
-        up = _experts_linear(sorted_states, up_proj, up_proj_bias, counts)  # (assignments, intermediate)
-        activated = act_fn(up)
-        down = _experts_linear(activated, down_proj, down_proj_bias, counts)  # (assignments, hidden)
+
+        capacity = max(counts)
+        slots = None
+        if num_assignments and num_experts * capacity <= (1 + _PADDED_LAYOUT_MAX_WASTE) * num_assignments:
+            first_row = torch.tensor([0, *counts[:-1]], device=order.device).cumsum(0)  # (experts,)
+            position = torch.arange(num_assignments, device=order.device) - first_row[sorted_ids]  # (assignments,)
+            slots = sorted_ids * capacity + position  # (assignments,) row in the padded buffer
+            padded = states.new_zeros(num_experts * capacity, states.shape[1])  # (experts * capacity, hidden)
+            states = padded.index_copy_(0, slots, states).view(num_experts, capacity, -1)
+            up = _padded_linear(states, up_proj, up_proj_bias)  # (experts, capacity, intermediate)
+            activated = act_fn(up)
+            down = _padded_linear(activated, down_proj, down_proj_bias)  # (experts, capacity, hidden)
+            down = down.view(num_experts * capacity, -1).index_select(0, slots)  # (assignments, hidden)
+        else:
+            up = _sorted_linear(states, up_proj, up_proj_bias, counts)  # (assignments, intermediate)
+            activated = act_fn(up)
+            down = _sorted_linear(activated, down_proj, down_proj_bias, counts)  # (assignments, hidden)
+
         weighted = down * sorted_weights[:, None]  # (assignments, hidden), routing weights are fp32
-        if num_top_k == 1 and order.shape[0] == num_tokens:
+        if num_top_k == 1 and num_assignments == num_tokens:
             output = weighted.new_empty(num_tokens, weighted.shape[1]).index_copy_(0, order, weighted)
         else:
             output = weighted.new_zeros(num_tokens, weighted.shape[1]).index_add_(0, token_of, weighted)
-        ctx.save_for_backward(sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj)
+        ctx.save_for_backward(states, up, activated, down, sorted_weights, order, slots, up_proj, down_proj)
         ctx.counts, ctx.num_top_k, ctx.act_fn = counts, num_top_k, act_fn
         ctx.input_shape, ctx.input_dtype = hidden_states.shape, hidden_states.dtype
         ctx.weights_dtype = top_k_weights.dtype
@@ -194,26 +229,34 @@ class _SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        sorted_states, up, activated, down, sorted_weights, order, up_proj, down_proj = ctx.saved_tensors
+        states, up, activated, down, sorted_weights, order, slots, up_proj, down_proj = ctx.saved_tensors
         token_of = order // ctx.num_top_k
         sorted_grad = grad_output.index_select(0, token_of).float()  # (assignments, hidden)
         grad_weights = torch.zeros(ctx.input_shape[0] * ctx.num_top_k, dtype=ctx.weights_dtype,
                                    device=grad_output.device)  # (tokens * k,)
         grad_weights.index_copy_(0, order, (down.float() * sorted_grad).sum(-1).to(ctx.weights_dtype))
         grad_down = (sorted_grad * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
-        grad_down_proj, grad_down_bias, grad_activated = _experts_linear_backward(
-            grad_down, activated, down_proj, ctx.counts
-        )
+        if slots is None:
+            def linear_backward(grad, inputs, weight):
+                return _sorted_linear_backward(grad, inputs, weight, ctx.counts)
+        else:
+            linear_backward = _padded_linear_backward
+            grad_down = grad_down.new_zeros(up.shape[0] * up.shape[1], grad_down.shape[1]).index_copy_(
+                0, slots, grad_down
+            ).view(up.shape[0], up.shape[1], -1)  # (experts, capacity, hidden)
+
+        grad_down_proj, grad_down_bias, grad_activated = linear_backward(grad_down, activated, down_proj)
         if isinstance(ctx.act_fn, GELUActivation) and ctx.act_fn.act is F.gelu:
             grad_up = torch.ops.aten.gelu_backward(grad_activated, up)
         else:  # any other activation: differentiate it again on the saved pre-activation
             with torch.enable_grad():
                 up_leaf = up.detach().requires_grad_()
                 (grad_up,) = torch.autograd.grad(ctx.act_fn(up_leaf), up_leaf, grad_activated)
-        grad_up_proj, grad_up_bias, grad_sorted_states = _experts_linear_backward(
-            grad_up, sorted_states, up_proj, ctx.counts
-        )
-        grad_hidden = grad_sorted_states.new_zeros(ctx.input_shape).index_add_(0, token_of, grad_sorted_states)
+        grad_up_proj, grad_up_bias, grad_states = linear_backward(grad_up, states, up_proj)
+
+        if slots is not None:
+            grad_states = grad_states.view(-1, grad_states.shape[-1]).index_select(0, slots)  # (assignments, hidden)
+        grad_hidden = grad_states.new_zeros(ctx.input_shape).index_add_(0, token_of, grad_states)
         return (grad_hidden.to(ctx.input_dtype), None, grad_weights.view(-1, ctx.num_top_k), grad_up_proj,
                 grad_up_bias, grad_down_proj, grad_down_bias, None)
 
