@@ -14,6 +14,7 @@ medians are printed too.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -92,7 +93,10 @@ def main() -> None:
                   f"ratio {moe_s / dense_s:5.2f}x  (medians {medians[0] * 1e3:.1f} / {medians[1] * 1e3:.1f} ms)",
                   flush=True)
 
+    allocator_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                             if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD"))
     table = [
+        f"environment: {allocator_env or 'default allocator settings'}",
         f"`python benchmarks/moe_layer.py --dtype {args.dtype}` — {args.tokens} tokens, hidden {args.hidden}, FFN "
         f"{args.ffn}, top-1, capacity factor 1.0 (training), {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; best of {args.repeats}.",
