@@ -298,3 +298,36 @@ def test_registration_marks_classes_for_auto_map():
     assert GPTMoEConfig._auto_class == "AutoConfig"
     assert GPTMoEForCausalLM._auto_class == "AutoModelForCausalLM"
     assert hf_moe_offload.__version__
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = tiny_model(position_embedding_type="rotary")
+    ids = inputs()
+    sdpa = model(ids).logits
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(model(ids).logits, sdpa, rtol=1e-5, atol=1e-5)  # fused vs explicit softmax
+
+
+def test_inputs_embeds_and_tuple_outputs():
+    model = tiny_model()
+    ids = inputs()
+    logits = model(ids).logits
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, logits, rtol=0, atol=0)
+    as_tuple = model(ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)  # MoeCausalLMOutputWithPast order: loss, aux_loss, logits, ...
+    assert torch.equal(as_tuple[2], logits) and as_tuple[0].ndim == 0
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(ids, inputs_embeds=embeds)
+
+
+def test_beam_search_and_seeded_sampling():
+    model = tiny_model(num_experts_per_tok=2)
+    ids = inputs(batch=2, seq=4)
+    beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert beams.shape == (2, 10)
+    torch.manual_seed(11)
+    first = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)
+    torch.manual_seed(11)
+    second = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)
+    assert torch.equal(first, second)
