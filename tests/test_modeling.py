@@ -331,3 +331,23 @@ def test_beam_search_and_seeded_sampling():
     torch.manual_seed(11)
     second = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("layout", ["sorted", "padded"])
+def test_sorted_mm_trains_in_bf16_like_eager(layout, monkeypatch):
+    monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
+    results = {}
+    for implementation in ("eager", "sorted_mm"):
+        model = tiny_model(num_experts_per_tok=2).to(torch.bfloat16)
+        model.set_experts_implementation(implementation)
+        model.train()
+        torch.manual_seed(5)
+        ids = inputs()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        experts = model.model.layers[1].mlp.experts
+        assert experts.up_proj.grad.dtype == torch.bfloat16
+        results[implementation] = (loss.detach(), experts.up_proj.grad, experts.down_proj_bias.grad)
+    assert torch.isfinite(results["sorted_mm"][0])
+    for got, want in zip(results["sorted_mm"], results["eager"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)  # bf16 rounding of each GEMM
