@@ -692,6 +692,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         self.model = GPTMoEModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._has_moe_layers = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
         self.post_init()
 
     def extra_repr(self) -> str:
@@ -724,8 +725,7 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        has_moe_layers = any(self.config.is_moe_layer(i) for i in self.config.moe_layer_indices)
-        need_routing = has_moe_layers and (output_router_logits or labels is not None)
+        need_routing = self._has_moe_layers and (output_router_logits or labels is not None)
         output_router_top_k = kwargs.pop("output_router_top_k", None) or need_routing
         outputs: GPTMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
