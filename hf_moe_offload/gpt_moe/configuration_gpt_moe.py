@@ -7,9 +7,11 @@
 # No `from __future__ import annotations` here: `@strict` type-checks the fields from their runtime annotations.
 import math
 
-from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig
+
+# `strict` (huggingface_hub's dataclass validation, which every transformers v5 config uses) is taken from the module
+# that defines `PreTrainedConfig`, so that this Hub file imports nothing but transformers.
+from transformers.configuration_utils import PreTrainedConfig, strict
 
 
 # The seed's models (DeepSpeed-MoE for NLG, Megatron-DeepSpeed `examples_deepspeed/MoE/`): FFN = 4h, sequence 2048,
