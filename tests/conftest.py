@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def force_sorted_mm_layout(monkeypatch):
+    """`force_sorted_mm_layout("sorted" | "padded")` makes `sorted_mm` take that row layout whatever the routing."""
+    from hf_moe_offload.gpt_moe import modeling_gpt_moe
+
+    def force(layout: str) -> None:
+        waste = -1.0 if layout == "sorted" else 1e9
+        monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", waste)
+
+    return force

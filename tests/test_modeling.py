@@ -124,13 +124,13 @@ def test_past_key_values_name_still_accepted():
 
 
 @pytest.mark.parametrize("variant", ["moe-top1", "moe-top2", "pyramid-residual-rotary"])
-def test_experts_implementations_agree_forward_and_backward(variant, monkeypatch):
+def test_experts_implementations_agree_forward_and_backward(variant, force_sorted_mm_layout):
     grads, logits = {}, {}
     runs = ("eager", "grouped_mm", "batched_mm", "sorted_mm:sorted", "sorted_mm:padded")
     for run in runs:
         implementation, _, layout = run.partition(":")
         if layout:  # force each of sorted_mm's two row layouts
-            monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
+            force_sorted_mm_layout(layout)
         model = tiny_model(**VARIANTS[variant])
         model.set_experts_implementation(implementation)
         model.train()
@@ -334,8 +334,8 @@ def test_beam_search_and_seeded_sampling():
 
 
 @pytest.mark.parametrize("layout", ["sorted", "padded"])
-def test_sorted_mm_trains_in_bf16_like_eager(layout, monkeypatch):
-    monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
+def test_sorted_mm_trains_in_bf16_like_eager(layout, force_sorted_mm_layout):
+    force_sorted_mm_layout(layout)
     results = {}
     for implementation in ("eager", "sorted_mm"):
         model = tiny_model(num_experts_per_tok=2).to(torch.bfloat16)

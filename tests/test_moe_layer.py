@@ -20,9 +20,9 @@ from hf_moe_offload.gpt_moe.modeling_gpt_moe import (
 
 
 @pytest.fixture(params=["sorted", "padded"])
-def sorted_mm_layout(request, monkeypatch):
+def sorted_mm_layout(request, force_sorted_mm_layout):
     """Runs a `sorted_mm` test with each of its two row layouts forced."""
-    monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if request.param == "sorted" else 1e9)
+    force_sorted_mm_layout(request.param)
     return request.param
 
 
@@ -159,10 +159,10 @@ def test_router_handles_a_single_token():
 @pytest.mark.parametrize(
     "implementation", ["eager", "grouped_mm", "batched_mm", "sorted_mm:sorted", "sorted_mm:padded"]
 )
-def test_experts_match_naive_forward_and_backward(top_k, implementation, monkeypatch):
+def test_experts_match_naive_forward_and_backward(top_k, implementation, force_sorted_mm_layout):
     implementation, _, layout = implementation.partition(":")
     if layout:
-        monkeypatch.setattr(modeling_gpt_moe, "_PADDED_LAYOUT_MAX_WASTE", -1.0 if layout == "sorted" else 1e9)
+        force_sorted_mm_layout(layout)
     config = make_config(num_experts_per_tok=top_k)
     config._experts_implementation = implementation
     experts = init_module(GPTMoEExperts(config, 8), std=0.1)

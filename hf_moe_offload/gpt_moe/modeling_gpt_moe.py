@@ -265,8 +265,9 @@ def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """
-    `experts_implementation="sorted_mm"`, the GPT-MoE default: per-expert matmuls on expert-sorted tokens with a
-    hand-written backward (`_SortedExpertsFunction`) on the CPU, transformers' `grouped_mm` kernel on accelerators.
+    `experts_implementation="sorted_mm"`, the GPT-MoE default: the routed tokens grouped by expert, in the sorted or
+    padded layout, with a hand-written backward (`_SortedExpertsFunction`) on the CPU; transformers' `grouped_mm`
+    kernel on accelerators.
     """
     if hidden_states.device.type != "cpu" or self.has_gate or not self.has_bias or self.is_transposed:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
