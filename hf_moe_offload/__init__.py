@@ -17,6 +17,14 @@ from .gpt_moe import (
     GPTMoEModelOutputWithPast,
     GPTMoEPreTrainedModel,
 )
+from .offload import (
+    OffloadConfig,
+    OffloadStats,
+    disable_offload,
+    enable_offload,
+    get_offload_stats,
+    load_offloaded,
+)
 
 
 __version__ = "0.1.0"
@@ -36,5 +44,11 @@ __all__ = [
     "GPTMoEModel",
     "GPTMoEModelOutputWithPast",
     "GPTMoEPreTrainedModel",
+    "OffloadConfig",
+    "OffloadStats",
     "__version__",
+    "disable_offload",
+    "enable_offload",
+    "get_offload_stats",
+    "load_offloaded",
 ]

@@ -1,0 +1,115 @@
+"""Runtime knobs of the offload runtime. They describe how a model runs on this machine, never what the model is,
+so they live here and are never written into `config.json`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+_OFFLOAD_DEVICES = ("cpu", "nvme")
+
+
+@dataclass
+class OffloadConfig:
+    """How `enable_offload` / `load_offloaded` keep and stream the weights.
+
+    Args:
+        offload_device: where every weight lives between uses: `"cpu"` (one arena per unit in host memory, pinned when
+            the execution device is CUDA) or `"nvme"` (safetensors files under `nvme_path`).
+        nvme_path: directory of the NVMe store (required for `"nvme"`). A valid store already there for the same weights
+            is reused; an incomplete or stale one is rebuilt.
+        execution_device: where the model computes (`"cpu"`, `"cuda:0"`, `0`, a `torch.device`). Default: the current
+            CUDA device when there is one, else the CPU.
+        prefetch_depth: how many units are fetched ahead of the one computing. 0 fetches on demand (no overlap); at most
+            `prefetch_depth + 1` units are resident on the execution device at any time.
+        pin_memory: page-lock the CPU store and the NVMe staging buffers (CUDA only; ignored on the CPU device).
+        io_threads: threads reading from the store; a unit's read is split in chunks across them.
+        direct_io: open the NVMe store with `O_DIRECT` (bypass the page cache, as DeepSpeed's AIO does). Falls back to
+            buffered reads, with a warning, on a file system that refuses it.
+        reuse_checkpoint: in `load_offloaded` with an NVMe store, read tensors straight from the checkpoint's
+            safetensors shards when they already hold the wanted dtype (no second copy on disk).
+        verify_checksums: check each store file's checksum the first time it is read in this process.
+        distributed: split each unit's read over the processes of the default `torch.distributed` group and
+            all-gather it (ZeRO-Inference's multi-GPU fetch). `None`: on when a group with several processes exists.
+    """
+
+    offload_device: str = "cpu"
+    nvme_path: str | os.PathLike | None = None
+    execution_device: str | int | torch.device | None = None
+    prefetch_depth: int = 1
+    pin_memory: bool = True
+    io_threads: int = 2
+    direct_io: bool = False
+    reuse_checkpoint: bool = True
+    verify_checksums: bool = True
+    distributed: bool | None = None
+    chunk_bytes: int = field(default=16 << 20, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.offload_device not in _OFFLOAD_DEVICES:
+            raise ValueError(f"offload_device ({self.offload_device!r}) must be one of {_OFFLOAD_DEVICES}")
+        if self.offload_device == "nvme" and self.nvme_path is None:
+            raise ValueError("offload_device='nvme' needs nvme_path, the directory of the store")
+        if self.nvme_path is not None:
+            self.nvme_path = os.fspath(self.nvme_path)
+        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth ({self.prefetch_depth!r}) must be an integer >= 0")
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
+            raise ValueError(f"io_threads ({self.io_threads!r}) must be an integer >= 1")
+        if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
+            raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a positive multiple of 4096")
+        self.execution_device = _resolve_device(self.execution_device)
+
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict[str, Any], **overrides: Any) -> OffloadConfig:
+        """Read a DeepSpeed ZeRO-Inference config: `{"zero_optimization": {"stage": 3, "offload_param": {...}}}`.
+
+        `offload_param.device` ("cpu" | "nvme"), `nvme_path`, `pin_memory` and `buffer_count` (the number of parameter
+        buffers: `prefetch_depth = buffer_count - 1`) are read, and `aio.thread_count` gives `io_threads`. Keyword
+        arguments override what the dict says (e.g. `execution_device`).
+        """
+        if not isinstance(ds_config, dict) or "zero_optimization" not in ds_config:
+            raise ValueError("ds_config must be a DeepSpeed config dict with a 'zero_optimization' section")
+        zero = ds_config["zero_optimization"]
+        stage = zero.get("stage", 0)
+        if stage != 3:
+            raise ValueError(f"zero_optimization.stage ({stage}) must be 3: ZeRO-Inference offloads parameters with stage 3")
+        offload = zero.get("offload_param")
+        if not isinstance(offload, dict):
+            raise ValueError("zero_optimization.offload_param is missing: it says where the parameters are offloaded")
+        device = offload.get("device")
+        if device not in _OFFLOAD_DEVICES:
+            raise ValueError(f"zero_optimization.offload_param.device ({device!r}) must be one of {_OFFLOAD_DEVICES}")
+        kwargs: dict[str, Any] = {"offload_device": device}
+        if offload.get("nvme_path") is not None:
+            kwargs["nvme_path"] = offload["nvme_path"]
+        if "pin_memory" in offload:
+            kwargs["pin_memory"] = bool(offload["pin_memory"])
+        if "buffer_count" in offload:
+            buffer_count = offload["buffer_count"]
+            if not isinstance(buffer_count, int) or buffer_count < 1:
+                raise ValueError(f"zero_optimization.offload_param.buffer_count ({buffer_count!r}) must be an integer >= 1")
+            kwargs["prefetch_depth"] = buffer_count - 1
+        aio = ds_config.get("aio") or {}
+        if "thread_count" in aio:
+            kwargs["io_threads"] = aio["thread_count"]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _resolve_device(device: str | int | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"execution_device ({device!r}) is not a torch device (e.g. 'cpu', 'cuda:0', 0)") from err
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"execution_device ({device!r}) must be the CPU or a CUDA device")
+    return resolved

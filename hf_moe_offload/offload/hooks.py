@@ -1,0 +1,543 @@
+"""accelerate `ModelHook`s that stream every weight of a causal LM from a store: `enable_offload`, `disable_offload`,
+`load_offloaded`, `get_offload_stats`.
+
+The model is cut into units: each block of its decoder `ModuleList`, and each other top-level module that holds
+parameters (embeddings, final norm, head). A unit hook binds the unit's parameters to views of a device slot before
+the unit runs and puts them back to placeholders after. Between uses a parameter is a placeholder of the right shape,
+dtype and device (so `model.device`, `model.dtype` and `generate` work unchanged) whose every element reads NaN, so a
+weight used outside its unit cannot go unnoticed. Buffers (rotary tables, masks) and the parameters owned directly by
+the modules above the block list stay on the execution device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+from accelerate.utils import send_to_device
+from torch import nn
+from transformers.utils import logging
+
+from .config import OffloadConfig
+from .prefetch import FetchPipeline, OffloadStats
+from .store import (
+    CheckpointStore,
+    CpuStore,
+    NvmeStore,
+    SAFETENSORS_DTYPES,
+    ReadRange,
+    TensorSpec,
+    UnitPlan,
+    align_up,
+    plan_units,
+    read_safetensors_header,
+    tensor_bytes,
+)
+
+
+logger = logging.get_logger(__name__)
+
+_STATE_ATTR = "_hf_moe_offload_state"
+_GUARDED_METHODS = ("to", "cuda", "cpu", "half", "float", "double", "bfloat16", "xpu", "type", "to_empty")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The `ModuleList` holding the decoder blocks: not inside another list, preferably of a `_no_split_modules`
+    class, else the one with the most parameters."""
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(other + ".") for other, _ in candidates):
+            continue
+        numel = sum(p.numel() for p in module.parameters())
+        preferred = type(module[0]).__name__ in no_split
+        candidates.append((name, module, preferred, numel))
+    candidates = [c for c in candidates if c[3] > 0]
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no torch.nn.ModuleList of decoder blocks (such as model.layers or "
+            f"transformer.h): the offload runtime streams a decoder-only causal LM block by block"
+        )
+    name, module, _, _ = max(candidates, key=lambda c: (c[2], c[3]))
+    return name, module
+
+
+def _find_units(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
+    """Units in module order, and the names of the modules above the block list."""
+    list_name, blocks = _find_block_list(model)
+    parts = list_name.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(len(parts))}
+    units: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name in ancestors:
+            continue
+        if name == list_name:
+            units.extend((f"{list_name}.{i}", block) for i, block in enumerate(blocks))
+            continue
+        if name.startswith(list_name + ".") or any(name.startswith(unit + ".") for unit, _ in units):
+            continue
+        if any(True for _ in module.parameters()):
+            units.append((name, module))
+    return units, ancestors
+
+
+def _placeholder(spec: TensorSpec, device: torch.device) -> nn.Parameter:
+    fill = float("nan") if spec.dtype.is_floating_point else 0
+    data = torch.full((), fill, dtype=spec.dtype, device=device).expand(spec.shape)
+    return nn.Parameter(data, requires_grad=False)
+
+
+class _UnitHook(ModelHook):
+    def __init__(self, state: _OffloadState, unit: int):
+        self.state = state
+        self.unit = unit
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.acquire(self.unit)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.state.release(self.unit)
+        return output
+
+
+class _RootHook(ModelHook):
+    def __init__(self, state: _OffloadState, skip_keys: Any):
+        self.state = state
+        self.skip_keys = skip_keys
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.begin_forward()
+        device = self.state.device
+        return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=self.skip_keys)
+
+    def post_forward(self, module, output):
+        self.state.pipeline.end_forward()
+        return output
+
+
+class _OffloadState:
+    """Everything `enable_offload` changed on a model, and how to undo it."""
+
+    def __init__(self, model: nn.Module, config: OffloadConfig):
+        self.config = config
+        self.device = config.execution_device
+        self.unit_modules, ancestors = _find_units(model)
+        # every place a parameter sits, grouped by tensor (tied weights have several)
+        self.locations: dict[str, list[tuple[nn.Module, str]]] = {}
+        self.originals: dict[str, nn.Parameter] = {}
+        paths: dict[str, list[str]] = {}
+        canonical: dict[int, str] = {}
+        for full_name, param in model.named_parameters(remove_duplicate=False):
+            module_name, _, attr = full_name.rpartition(".")
+            name = canonical.setdefault(id(param), full_name)
+            self.locations.setdefault(name, []).append((model.get_submodule(module_name), attr))
+            paths.setdefault(name, []).append(module_name)
+            self.originals[name] = param
+        unit_specs: list[tuple[str, list[TensorSpec]]] = []
+        owned: set[str] = set()
+        for unit_name, _ in self.unit_modules:
+            specs = []
+            for name in self.locations:
+                if any(_is_under(path, unit_name) for path in paths[name]):
+                    param = self.originals[name]
+                    specs.append(TensorSpec(name, param.dtype, tuple(param.shape)))
+                    owned.add(name)
+            unit_specs.append((unit_name, specs))
+        self.resident_names = [name for name in self.locations if name not in owned]
+        self.plans = plan_units(unit_specs)
+        self.unit_specs = unit_specs
+        self.model_ref = model
+        self.bound: dict[int, int] = {}  # unit -> slot index
+        self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
+        self.placeholders = {
+            name: _placeholder(TensorSpec(name, p.dtype, tuple(p.shape)), self.device)
+            for name, p in self.originals.items()
+            if name in owned
+        }
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self.guarded: list[str] = []
+        self.store = None
+        self.pipeline: FetchPipeline | None = None
+        self.tmp_dirs: list[str] = []
+        self.resident_bytes = 0
+
+    # -- binding ------------------------------------------------------------------------------------------------
+
+    def _unit_views(self, unit: int, slot) -> list[nn.Parameter]:
+        key = (unit, slot.index)
+        views = self._views.get(key)
+        if views is None:
+            views = [
+                nn.Parameter(slot.buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape), False)
+                for spec, offset in self.plans[unit].tensors
+            ]
+            self._views[key] = views
+        return views
+
+    def acquire(self, unit: int) -> None:
+        if unit in self.bound:
+            raise RuntimeError(f"unit {self.plans[unit].name} was entered again while it runs (recursive forward)")
+        slot = self.pipeline.acquire(unit)
+        for (spec, _), view in zip(self.plans[unit].tensors, self._unit_views(unit, slot), strict=True):
+            for module, attr in self.locations[spec.name]:
+                module._parameters[attr] = view
+        self.bound[unit] = slot.index
+
+    def release(self, unit: int) -> None:
+        if self.bound.pop(unit, None) is None:
+            return
+        for spec, _ in self.plans[unit].tensors:
+            placeholder = self.placeholders[spec.name]
+            for module, attr in self.locations[spec.name]:
+                module._parameters[attr] = placeholder
+        self.pipeline.release(unit)
+
+    def begin_forward(self) -> None:
+        # A forward that ended in an exception (KeyboardInterrupt included) left units bound: put them back.
+        for unit in list(self.bound):
+            self.release(unit)
+        self.pipeline.stats.forward_passes += 1
+
+    def stats(self) -> OffloadStats:
+        stats = dataclasses.replace(self.pipeline.stats)
+        stats.store_read_bytes = {self.store.name: self.store.read_bytes}
+        stats.resident_bytes = self.resident_bytes
+        return stats
+
+
+def _is_under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _in_folder(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _distributed_group(config: OffloadConfig):
+    import torch.distributed as dist
+
+    available = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if config.distributed is None:
+        use = available
+    else:
+        use = config.distributed
+        if use and not available:
+            raise ValueError("distributed=True needs an initialised torch.distributed group with several processes")
+    return dist.group.WORLD if use else None
+
+
+def _content_fingerprint(state: _OffloadState) -> dict:
+    crcs = []
+    for plan in state.plans:
+        crc = 0
+        for spec, _ in plan.own:
+            crc = zlib.crc32(memoryview(tensor_bytes(state.originals[spec.name].detach().cpu()).numpy()), crc)
+        crcs.append(crc)
+    return {"source": "weights", "crc32": crcs}
+
+
+def _guard(model: nn.Module, state: _OffloadState) -> None:
+    def refuse(method: str):
+        def guarded(*args, **kwargs):
+            raise RuntimeError(
+                f"{type(model).__name__}.{method}() on a model with offloaded weights: its weights live in the "
+                f"{state.config.offload_device} store and stream to {state.device}; call "
+                f"hf_moe_offload.disable_offload(model) first"
+            )
+
+        return guarded
+
+    for method in _GUARDED_METHODS:
+        if hasattr(model, method):
+            setattr(model, method, refuse(method))
+            state.guarded.append(method)
+
+
+def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpoint_plans=None) -> None:
+    """Build the store, point every parameter at its placeholder, move buffers, add the hooks."""
+    config = state.config
+    group = _distributed_group(config)
+    pin = config.pin_memory and state.device.type == "cuda"
+    if checkpoint_plans is not None:
+        state.plans = checkpoint_plans
+        files = sorted({r.source for plan in checkpoint_plans for r in plan.ranges})
+        state.store = CheckpointStore(files, direct_io=False)
+    elif config.offload_device == "cpu":
+        state.store = CpuStore(state.plans, source, pin=pin)
+    else:
+        writer = group is None or group.rank() == 0
+        store = None
+        if writer:
+            store = NvmeStore(config.nvme_path, state.plans, source, fingerprint, direct_io=config.direct_io,
+                              verify=config.verify_checksums)
+        if group is not None:
+            torch.distributed.barrier(group=group)
+        if store is None:
+            store = NvmeStore(config.nvme_path, state.plans, None, fingerprint, direct_io=config.direct_io,
+                              verify=False, writer=False, progress=False)
+        state.store = store
+    state.pipeline = FetchPipeline(
+        state.plans, state.store, state.device, config.prefetch_depth, config.io_threads, config.chunk_bytes, pin,
+        group,
+    )
+    for name in state.placeholders:
+        for module, attr in state.locations[name]:
+            module._parameters[attr] = state.placeholders[name]
+    for name in state.resident_names:
+        param = state.originals[name]
+        if param.device.type == "meta":
+            raise RuntimeError(f"{name} is on the meta device and belongs to no unit: it cannot be offloaded")
+        moved = nn.Parameter(param.detach().to(state.device), requires_grad=param.requires_grad)
+        for module, attr in state.locations[name]:
+            module._parameters[attr] = moved
+        state.resident_bytes += moved.numel() * moved.element_size()
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            state.buffers.append((module, name, buffer))
+            module._buffers[name] = buffer.to(state.device)
+            state.resident_bytes += buffer.numel() * buffer.element_size()
+    for index, (_, module) in enumerate(state.unit_modules):
+        add_hook_to_module(module, _UnitHook(state, index))
+    add_hook_to_module(model, _RootHook(state, getattr(model, "_skip_keys_device_placement", None)))
+    _guard(model, state)
+    setattr(model, _STATE_ATTR, state)
+
+
+def enable_offload(model: nn.Module, config: OffloadConfig | None = None) -> nn.Module:
+    """Move every weight of `model` into a store (CPU memory or NVMe) and stream it to `config.execution_device`
+    unit by unit during forward and `generate`, prefetching the next units. Returns the model (changed in place).
+
+    Works on a decoder-only model whose blocks sit in one `torch.nn.ModuleList`. Undo with `disable_offload`.
+    """
+    config = config or OffloadConfig()
+    if not isinstance(config, OffloadConfig):
+        raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError("the model is already offloaded: call disable_offload(model) before enabling it again")
+    hooked = [name for name, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+    if hooked:
+        raise ValueError(
+            f"the model already has accelerate hooks (on {hooked[0]!r}, e.g. from device_map=...): load it without a "
+            f"device_map, or use hf_moe_offload.load_offloaded"
+        )
+    state = _OffloadState(model, config)
+    meta = [name for name in state.placeholders if state.originals[name].device.type == "meta"]
+    if meta:
+        raise ValueError(f"{meta[0]} is on the meta device: enable_offload needs the weights; use load_offloaded")
+
+    def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
+        for spec, _ in plan.own:
+            yield state.originals[spec.name].detach().cpu()
+
+    fingerprint = _content_fingerprint(state) if config.offload_device == "nvme" else None
+    _attach(model, state, source, fingerprint)
+    # The store holds the weights now: free their memory (disable_offload gives it back).
+    for name in state.placeholders:
+        param = state.originals[name]
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    state.restore_to = {name: state.originals[name].device for name in state.placeholders}
+    return model
+
+
+def disable_offload(model: nn.Module) -> nn.Module:
+    """Put every weight back where it was before `enable_offload`, bit for bit, and remove the hooks.
+
+    The original `Parameter` objects are restored (optimizers and tied weights keep working). A model made by
+    `load_offloaded` never had its weights in memory: they are loaded into CPU memory.
+    """
+    state: _OffloadState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("the model is not offloaded (enable_offload or load_offloaded was not called on it)")
+    for unit in list(state.bound):
+        state.release(unit)
+    state.pipeline.close()
+    for _, module in state.unit_modules:
+        remove_hook_from_module(module)
+    remove_hook_from_module(model)
+    for method in state.guarded:
+        model.__dict__.pop(method, None)
+    for plan in state.plans:
+        for spec, tensor in state.store.tensors(plan):
+            original = state.originals[spec.name]
+            device = state.restore_to.get(spec.name, torch.device("cpu"))
+            value = tensor.to(device, copy=True)
+            if original.device.type == "meta":
+                original = nn.Parameter(value, requires_grad=original.requires_grad)
+            else:
+                original.data = value
+            for module, attr in state.locations[spec.name]:
+                module._parameters[attr] = original
+    for name in state.resident_names:
+        for module, attr in state.locations[name]:
+            module._parameters[attr] = state.originals[name]
+    for module, name, buffer in state.buffers:
+        module._buffers[name] = buffer
+    state.store.close()
+    for path in state.tmp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def get_offload_stats(model: nn.Module, reset: bool = False) -> OffloadStats:
+    """Counters of the offloaded `model` (bytes and units fetched, time waiting for weights, store reads, ...).
+    `reset=True` returns them and starts counting again from zero."""
+    state: _OffloadState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("the model is not offloaded (enable_offload or load_offloaded was not called on it)")
+    stats = state.stats()
+    if reset:
+        keep = {"slot_bytes": state.pipeline.stats.slot_bytes}
+        state.pipeline.stats = OffloadStats(**keep)
+        state.store.read_bytes = 0
+    return stats
+
+
+# -- load_offloaded -------------------------------------------------------------------------------------------------
+
+
+def _check_safetensors(name_or_path: str) -> None:
+    if not os.path.isdir(name_or_path):
+        return
+    files = os.listdir(name_or_path)
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"{name_or_path} holds a pickle checkpoint ({pickles[0]}); load_offloaded reads safetensors only (a pickle "
+            f"can run code and cannot be read in ranges). Convert it once: "
+            f"AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)"
+        )
+    raise ValueError(f"{name_or_path} holds no .safetensors weights")
+
+
+def _offloaded_weights(model: nn.Module):
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is not None:
+            return getattr(weights_map, "dataset", weights_map)
+    raise RuntimeError("transformers did not offload the weights to disk (no accelerate weights map found)")
+
+
+def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, dtype: torch.dtype) -> list[UnitPlan] | None:
+    """Plans whose ranges read each tensor straight from the checkpoint shards, or None when some tensor must be
+    converted (another dtype, fused or renamed by transformers' loading)."""
+    index = getattr(loader, "index", {})
+    headers: dict[str, tuple[int, dict]] = {}
+    located: dict[str, tuple[str, int]] = {}
+    for name in state.placeholders:
+        entry = index.get(name)
+        if not entry or "safetensors_file" not in entry:
+            return None
+        path = os.path.abspath(entry["safetensors_file"])
+        if _in_folder(path, offload_folder):
+            return None
+        if path not in headers:
+            headers[path] = read_safetensors_header(path)
+        data_start, header = headers[path]
+        info = header.get(entry["weight_name"])
+        spec_param = state.originals[name]
+        if info is None or info["dtype"] != SAFETENSORS_DTYPES.get(spec_param.dtype) or tuple(info["shape"]) != tuple(
+            spec_param.shape
+        ):
+            return None
+        located[name] = (path, data_start + info["data_offsets"][0])
+    plans = []
+    for plan in state.plans:
+        new = UnitPlan(index=plan.index, name=plan.name, tensors=list(plan.tensors), own=[], own_nbytes=0)
+        offset = 0
+        for spec, _ in plan.tensors:
+            path, start = located[spec.name]
+            new.tensors[len(new.ranges)] = (spec, offset)
+            new.ranges.append(ReadRange(path, start, offset, spec.nbytes))
+            offset = align_up(offset + spec.nbytes, 64)
+        new.own = list(new.tensors)
+        new.own_nbytes = offset
+        new.nbytes = align_up(max(offset, 1))
+        plans.append(new)
+    return plans
+
+
+def load_offloaded(
+    name_or_path: str | os.PathLike,
+    config: OffloadConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load a causal LM straight into an offload store, never holding the whole model in memory.
+
+    The model is built on the meta device by `AutoModelForCausalLM.from_pretrained` (all weights "on disk"), then
+    the store is filled tensor by tensor from the checkpoint's safetensors shards. With an NVMe store and a
+    checkpoint already in `dtype`, the shards are read in place (no copy) unless `config.reuse_checkpoint=False`.
+    `from_pretrained_kwargs` go to `from_pretrained` (`trust_remote_code`, `revision`, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = config or OffloadConfig()
+    if not isinstance(config, OffloadConfig):
+        raise ValueError(f"config must be an OffloadConfig, got {type(config).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    if from_pretrained_kwargs.get("device_map") is not None:
+        raise ValueError("load_offloaded places the weights itself: do not pass device_map")
+    _check_safetensors(name_or_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name (e.g. 'bfloat16', 'float32', 'auto')")
+    offload_folder = tempfile.mkdtemp(prefix="hf_moe_offload_")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            device_map={"": "disk"},
+            offload_folder=offload_folder,
+            dtype=dtype if dtype is not None else "auto",
+            use_safetensors=True,
+            **from_pretrained_kwargs,
+        )
+        loader = _offloaded_weights(model)
+        remove_hook_from_module(model, recurse=True)
+        for attr in ("hf_device_map",):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        state = _OffloadState(model, config)
+        state.restore_to = {}
+
+        def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
+            for spec, _ in plan.own:
+                yield loader[spec.name]
+
+        checkpoint_plans = None
+        fingerprint = None
+        if config.offload_device == "nvme":
+            model_dtype = next(iter(state.originals.values())).dtype
+            if config.reuse_checkpoint:
+                checkpoint_plans = _checkpoint_plans(state, loader, offload_folder, model_dtype)
+            if checkpoint_plans is None:
+                files = sorted({e["safetensors_file"] for e in getattr(loader, "index", {}).values()
+                                if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)})
+                fingerprint = {
+                    "source": "checkpoint",
+                    "name": name_or_path,
+                    "dtype": str(model_dtype),
+                    "files": [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+                }
+        _attach(model, state, source, fingerprint, checkpoint_plans)
+    finally:
+        shutil.rmtree(offload_folder, ignore_errors=True)
+    return model

@@ -1,0 +1,270 @@
+"""The prefetch pipeline: which unit to fetch next, into which device slot, on which thread or stream, and when it is
+ready.
+
+`prefetch_depth + 1` slots, each as large as the largest unit, are allocated once on the execution device and reused
+in a ring: the unit computing holds one, up to `prefetch_depth` upcoming units are being fetched into the others. The
+order of units is learned on the first forward and wraps around (the head of step t is followed by the embedding of
+step t+1). A unit that is not the one expected (another code path, an interrupted forward) resynchronises the
+pipeline: in-flight fetches are drained and the unit is fetched on demand.
+
+A fetch runs on a coordinator thread: its byte ranges are split into chunks read by `io_threads` reader threads
+into the slot (CPU execution device) or into a page-locked staging buffer then copied on a dedicated CUDA stream
+with events (no host synchronisation on the compute stream). With several processes each one reads 1/N of the unit
+and an all-gather assembles it. Any exception of a reader thread is raised again in the thread that needs the unit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from .store import ALIGN, CpuStore, UnitPlan, align_up
+
+
+@dataclass
+class OffloadStats:
+    """Counters of an offloaded model since `enable_offload` (or the last `get_offload_stats(model, reset=True)`).
+
+    Attributes:
+        bytes_fetched: bytes copied into the execution device's slots.
+        units_fetched: unit fetches started (prefetched or on demand).
+        fetch_wait_seconds: time the computing thread waited for weights (stalls).
+        store_read_bytes: bytes read from each store ("cpu", "nvme"), this process only.
+        prefetch_hits: units whose fetch had finished when they were needed.
+        on_demand_fetches: units fetched only when needed (the first forward, `prefetch_depth=0`, a resync).
+        resyncs: times the execution order differed from the learned one.
+        forward_passes: forwards of the model.
+        peak_resident_units: most units held in device slots at once (at most `prefetch_depth + 1`).
+        slot_bytes: device memory of the slot ring.
+        resident_bytes: device memory of what always stays there (buffers, parameters of the top-level modules).
+    """
+
+    bytes_fetched: int = 0
+    units_fetched: int = 0
+    fetch_wait_seconds: float = 0.0
+    store_read_bytes: dict[str, int] = field(default_factory=dict)
+    prefetch_hits: int = 0
+    on_demand_fetches: int = 0
+    resyncs: int = 0
+    forward_passes: int = 0
+    peak_resident_units: int = 0
+    slot_bytes: int = 0
+    resident_bytes: int = 0
+
+
+class _Slot:
+    def __init__(self, index: int, nbytes: int, device: torch.device, staging: bool, pin: bool):
+        self.index = index
+        self.unit: int | None = None
+        self.future: Future | None = None
+        self.bound = False
+        if device.type == "cpu":
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % ALIGN  # O_DIRECT needs an aligned destination
+            self.buffer = raw[start : start + nbytes]
+            self.staging = None
+        else:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.staging = None
+            if staging:
+                raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+                start = (-raw.data_ptr()) % ALIGN
+                self.staging = raw[start : start + nbytes]
+            self.ready_event = torch.cuda.Event()
+            self.free_event = torch.cuda.Event()
+
+
+class FetchPipeline:
+    """Fetches units of `plans` from `store` into a ring of device slots (see the module docstring)."""
+
+    def __init__(
+        self,
+        plans: list[UnitPlan],
+        store,
+        device: torch.device,
+        depth: int,
+        io_threads: int,
+        chunk_bytes: int,
+        pin: bool,
+        group=None,
+    ):
+        self.plans = plans
+        self.store = store
+        self.device = device
+        self.depth = depth
+        self.chunk_bytes = chunk_bytes
+        self.group = group
+        self.world = group.size() if group is not None else 1
+        self.rank = group.rank() if group is not None else 0
+        # Each process reads an aligned 1/world share; the slot holds every share.
+        self._share = {p.index: align_up(-(-p.nbytes // self.world)) for p in plans}
+        self._payload = {p.index: sum(r.nbytes for r in p.ranges) for p in plans}
+        slot_bytes = max(self._share[p.index] * self.world for p in plans)
+        direct_copy = isinstance(store, CpuStore) and self.world == 1
+        self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin) for i in range(depth + 1)]
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.free: deque[_Slot] = deque(self.slots)
+        self.resident: dict[int, _Slot] = {}
+        self.order: list[int] | None = None
+        self.recording: list[int] = []
+        self.pos = -1
+        self.stats = OffloadStats(slot_bytes=slot_bytes * len(self.slots))
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="hf_moe_offload-io")
+        self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
+
+    # -- the fetch, on the coordinator thread ---------------------------------------------------------------------
+
+    def _read_ranges(self, plan: UnitPlan, host: torch.Tensor) -> None:
+        share = self._share[plan.index]
+        lo_share, hi_share = self.rank * share, (self.rank + 1) * share
+        futures = []
+        for rng in plan.ranges:
+            lo = max(rng.dst_offset, lo_share)
+            hi = min(rng.dst_offset + rng.nbytes, hi_share)
+            # chunk boundaries on absolute multiples of chunk_bytes keep every read but a range's last one aligned
+            start = lo
+            while start < hi:
+                end = min(hi, (start // self.chunk_bytes + 1) * self.chunk_bytes)
+                futures.append(self._io.submit(self.store.read, rng, host, start, end))
+                start = end
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            wait(futures)  # never leave a reader writing into a slot that is handed back
+            for f in futures:
+                if f.exception() is not None:
+                    raise f.exception()
+
+    def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
+        share = self._share[plan.index]
+        mine = buffer[self.rank * share : (self.rank + 1) * share].clone()
+        torch.distributed.all_gather_into_tensor(buffer[: share * self.world], mine, group=self.group)
+
+    def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
+        if self.device.type == "cpu":
+            self._read_ranges(plan, slot.buffer)
+            if self.world > 1:
+                self._all_gather(slot.buffer, plan)
+            return
+        nbytes = self._share[plan.index] * self.world
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(slot.free_event)  # the previous unit in this slot has finished computing
+            if slot.staging is None:
+                for rng in plan.ranges:  # pinned CPU store: one asynchronous copy per range
+                    self.store.read(rng, slot.buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
+            else:
+                slot.ready_event.synchronize()  # the staging buffer's previous copy is done (this thread only)
+                self._read_ranges(plan, slot.staging)
+                slot.buffer[:nbytes].copy_(slot.staging[:nbytes], non_blocking=True)
+                if self.world > 1:
+                    self._all_gather(slot.buffer, plan)
+            slot.ready_event.record(self.copy_stream)
+
+    def _submit(self, unit: int, slot: _Slot) -> None:
+        slot.unit = unit
+        slot.future = self._coordinator.submit(self._fetch, self.plans[unit], slot)
+        self.resident[unit] = slot
+        self.stats.units_fetched += 1
+        self.stats.bytes_fetched += self._payload[unit]
+        self.stats.peak_resident_units = max(self.stats.peak_resident_units, len(self.resident))
+
+    # -- the computing thread ---------------------------------------------------------------------------------------
+
+    def _free_slot(self, slot: _Slot) -> None:
+        self.resident.pop(slot.unit, None)
+        slot.unit, slot.future, slot.bound = None, None, False
+        self.free.append(slot)
+
+    def drain(self) -> None:
+        """Wait for every fetch in flight and hand its slot back (errors of abandoned prefetches are dropped)."""
+        for slot in list(self.resident.values()):
+            if slot.bound:
+                continue
+            if slot.future is not None:
+                wait([slot.future])
+            self._free_slot(slot)
+
+    def _take_slot(self) -> _Slot:
+        if not self.free:
+            self.drain()
+        if not self.free:
+            raise RuntimeError(
+                f"every device slot holds a unit that is computing ({len(self.slots)} slots): units call each other; "
+                f"raise prefetch_depth"
+            )
+        return self.free.popleft()
+
+    def _resync(self, unit: int) -> None:
+        self.stats.resyncs += 1
+        self.drain()
+        if self.order is not None and unit in self.order:
+            self.pos = self.order.index(unit)
+        else:
+            self.order, self.recording, self.pos = None, [unit], -1
+
+    def acquire(self, unit: int) -> _Slot:
+        """Called before `unit` computes: returns its slot once the weights are there."""
+        if self.order is None:
+            self.recording.append(unit)
+        elif self.order[(self.pos + 1) % len(self.order)] == unit:
+            self.pos = (self.pos + 1) % len(self.order)
+        else:
+            self._resync(unit)
+        slot = self.resident.get(unit)
+        if slot is None:
+            slot = self._take_slot()
+            self._submit(unit, slot)
+            self.stats.on_demand_fetches += 1
+        elif slot.future.done():
+            self.stats.prefetch_hits += 1
+        start = time.perf_counter()
+        try:
+            slot.future.result()
+        except BaseException:
+            if slot.future.done():
+                self._free_slot(slot)
+            raise
+        finally:
+            self.stats.fetch_wait_seconds += time.perf_counter() - start
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
+        slot.bound = True
+        self._prefetch()
+        return slot
+
+    def release(self, unit: int) -> None:
+        """Called after `unit` computed: its slot can take the next unit."""
+        slot = self.resident.get(unit)
+        if slot is None:
+            return
+        if self.copy_stream is not None:
+            slot.free_event.record(torch.cuda.current_stream(self.device))
+        self._free_slot(slot)
+        self._prefetch()
+
+    def end_forward(self) -> None:
+        if self.order is None and self.recording:
+            self.order, self.recording = self.recording, []
+            self.pos = len(self.order) - 1
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        if self.order is None:
+            return
+        for k in range(1, self.depth + 1):
+            if not self.free:
+                return
+            unit = self.order[(self.pos + k) % len(self.order)]
+            if unit not in self.resident:
+                self._submit(unit, self.free.popleft())
+
+    def read_bytes(self) -> int:
+        return self.store.read_bytes
+
+    def close(self) -> None:
+        self.drain()
+        self._coordinator.shutdown(wait=True)
+        self._io.shutdown(wait=True)

@@ -1,0 +1,474 @@
+"""Weight stores: where every offloaded byte lives between two uses.
+
+A model is cut into *units* (the embedding, each decoder block, the final norm, the head). Each unit's own tensors are
+packed into one contiguous region, largest element size first so every tensor stays aligned to its dtype; a tensor
+shared with an earlier unit (tied embeddings) is not stored twice, the later unit reads it from its owner's region.
+A unit is fetched with a list of `ReadRange`s into one buffer whose layout is the unit's `UnitPlan`.
+
+- `CpuStore`: one arena (a uint8 tensor) per unit in host memory, page-locked when the execution device is CUDA.
+- `NvmeStore`: one safetensors file per unit in a directory, the data starting on a 4 KiB boundary so the region can
+  be read with `O_DIRECT`, plus `manifest.json` (layout, sizes, CRC32 checksums, the source's fingerprint) written
+  last and atomically. A store is reused only when its manifest says it holds the same tensors from the same source
+  and every file has its recorded size and checksum; without a manifest (an interrupted write) or with another
+  source it is rebuilt. Tensors may also be read straight from a checkpoint's safetensors shards (no copy on disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+ALIGN = 4096
+STORE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def align_up(n: int, alignment: int = ALIGN) -> int:
+    return -(-n // alignment) * alignment
+
+
+def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a CPU tensor as a flat uint8 tensor (a view when the tensor is contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """Copy `nbytes` from `source` (a unit key or a checkpoint file) at `src_offset` to the unit buffer at `dst_offset`."""
+
+    source: str
+    src_offset: int
+    dst_offset: int
+    nbytes: int
+
+
+@dataclass
+class UnitPlan:
+    """Where each tensor of one unit sits in its fetch buffer, and the reads that fill that buffer."""
+
+    index: int
+    name: str
+    tensors: list[tuple[TensorSpec, int]] = field(default_factory=list)  # (spec, offset in the unit buffer)
+    own: list[tuple[TensorSpec, int]] = field(default_factory=list)  # the tensors stored in this unit's region
+    own_nbytes: int = 0
+    nbytes: int = 0  # buffer bytes, 4 KiB aligned
+    ranges: list[ReadRange] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"unit_{self.index:05d}"
+
+
+def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
+    """Lay out every unit: own tensors packed by decreasing element size, borrowed (tied) tensors after them."""
+    owner: dict[str, tuple[UnitPlan, int]] = {}
+    plans = []
+    for index, (name, specs) in enumerate(units):
+        plan = UnitPlan(index=index, name=name)
+        own = [spec for spec in specs if spec.name not in owner]
+        offset = 0
+        for spec in sorted(own, key=lambda s: -s.dtype.itemsize):
+            plan.own.append((spec, offset))
+            plan.tensors.append((spec, offset))
+            owner[spec.name] = (plan, offset)
+            offset += spec.nbytes
+        plan.own_nbytes = offset
+        if offset:
+            plan.ranges.append(ReadRange(plan.key, 0, 0, offset))
+        offset = align_up(offset)
+        for spec in specs:
+            if spec.name in {s.name for s, _ in plan.own}:
+                continue
+            src_plan, src_offset = owner[spec.name]
+            plan.tensors.append((spec, offset))
+            plan.ranges.append(ReadRange(src_plan.key, src_offset, offset, spec.nbytes))
+            offset = align_up(offset + spec.nbytes)
+        plan.nbytes = align_up(max(offset, 1))
+        plans.append(plan)
+    return plans
+
+
+# A function giving the CPU tensors of a unit's own region, in the order of `plan.own`.
+TensorSource = Callable[[UnitPlan], Iterable[torch.Tensor]]
+
+
+def _crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
+    view = memoryview(data.numpy())
+    step = 64 << 20
+    for start in range(0, len(view), step):
+        crc = zlib.crc32(view[start : start + step], crc)
+    return crc
+
+
+class CpuStore:
+    """Every unit's own region in one host arena (pinned when `pin` is set)."""
+
+    name = "cpu"
+
+    def __init__(self, plans: list[UnitPlan], source: TensorSource, pin: bool = False, progress: bool = True):
+        self.arenas: dict[str, torch.Tensor] = {}
+        self.read_bytes = 0
+        self._lock = threading.Lock()
+        total = sum(plan.own_nbytes for plan in plans)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="Filling the CPU store", disable=not progress) as bar:
+            for plan in plans:
+                if not plan.own_nbytes:
+                    continue
+                arena = torch.empty(plan.own_nbytes, dtype=torch.uint8, pin_memory=pin)
+                for (_, offset), tensor in zip(plan.own, source(plan), strict=True):
+                    data = tensor_bytes(tensor)
+                    arena[offset : offset + data.numel()].copy_(data)
+                    bar.update(data.numel())
+                self.arenas[plan.key] = arena
+
+    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int) -> None:
+        src = rng.src_offset + (lo - rng.dst_offset)
+        dst[lo:hi].copy_(self.arenas[rng.source][src : src + hi - lo])
+        with self._lock:
+            self.read_bytes += hi - lo
+
+    def tensors(self, plan: UnitPlan) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """The unit's own tensors as CPU tensors viewing the arena (used to put weights back)."""
+        arena = self.arenas.get(plan.key)
+        for spec, offset in plan.own:
+            yield spec, arena[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+    def close(self) -> None:
+        self.arenas.clear()
+
+
+def _safetensors_header(plan: UnitPlan) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "hf_moe_offload", "unit": plan.name}}
+    for spec, offset in plan.own:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Pad the JSON with spaces (allowed by the format) so the data starts on a 4 KiB boundary: O_DIRECT-readable.
+    length = align_up(len(raw) + 8) - 8
+    return struct.pack("<Q", length) + raw + b" " * (length - len(raw))
+
+
+def read_safetensors_header(path: str) -> tuple[int, dict]:
+    """(data start offset, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise RuntimeError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        raw = f.read(length)
+    if len(raw) < length:
+        raise RuntimeError(f"{path} is truncated inside its safetensors header")
+    return 8 + length, json.loads(raw)
+
+
+class _FileStore:
+    """Reads `ReadRange`s from files with `pread` (from I/O threads; `os.preadv` releases the GIL)."""
+
+    name = "nvme"
+
+    def __init__(self, path: str, paths: dict[str, str], data_start: dict[str, int], direct_io: bool):
+        self.path = path
+        self.read_bytes = 0
+        self.direct_io = direct_io
+        self._paths = paths
+        self._data_start = data_start
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int] = {}
+
+    # -- reading --------------------------------------------------------------------------------------------------
+
+    def _fd(self, key: str, direct: bool) -> int:
+        table = self._direct_fds if direct else self._fds
+        fd = table.get(key)
+        if fd is None:
+            with self._lock:
+                fd = table.get(key)
+                if fd is None:
+                    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+                    try:
+                        fd = os.open(self._paths[key], flags)
+                    except OSError as err:
+                        if direct and err.errno == errno.EINVAL:
+                            logger.warning(f"{self.path} refuses O_DIRECT: reading through the page cache")
+                            self.direct_io = False
+                            return self._fd(key, False)
+                        raise RuntimeError(f"cannot open NVMe store file {self._paths[key]}: {err.strerror}") from err
+                    table[key] = fd
+        return fd
+
+    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int) -> None:
+        src = self._data_start[rng.source] + rng.src_offset + (lo - rng.dst_offset)
+        want = hi - lo
+        length = want
+        direct = self.direct_io and src % ALIGN == 0 and lo % ALIGN == 0
+        if direct:
+            length = min(align_up(want), dst.numel() - lo)  # the buffer's padding absorbs the rounded tail
+            direct = length % 512 == 0
+        view = memoryview(dst.numpy())[lo : lo + length]
+        done = 0
+        while done < want:
+            try:
+                got = os.preadv(self._fd(rng.source, direct), [view[done:]], src + done)
+            except OSError as err:
+                if direct and err.errno == errno.EINVAL:  # e.g. an unaligned buffer: retry through the page cache
+                    direct, view = False, view[: want]
+                    continue
+                raise RuntimeError(f"reading NVMe store file {self._paths[rng.source]} failed: {err.strerror}") from err
+            if got == 0:
+                raise RuntimeError(
+                    f"NVMe store file {self._paths[rng.source]} is truncated: byte {src + done} is past its end; "
+                    f"delete {self.path} to rebuild the store"
+                )
+            done += got
+        with self._lock:
+            self.read_bytes += want
+
+    def tensors(self, plan: UnitPlan) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """The unit's own tensors read into fresh CPU tensors (used to put weights back)."""
+        buffer = torch.empty(plan.nbytes, dtype=torch.uint8)
+        for rng in plan.ranges:
+            self.read(rng, buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
+        for spec, offset in plan.own:
+            yield spec, buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+    def close(self) -> None:
+        for table in (self._fds, self._direct_fds):
+            for fd in table.values():
+                os.close(fd)
+            table.clear()
+
+
+
+class NvmeStore(_FileStore):
+    """Unit files in a directory, with a manifest written last (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        plans: list[UnitPlan],
+        source: TensorSource | None,
+        fingerprint: dict,
+        *,
+        direct_io: bool = False,
+        verify: bool = True,
+        writer: bool = True,
+        progress: bool = True,
+    ):
+        """`writer=False` only opens a store another process writes (several processes share one directory)."""
+        paths = {plan.key: os.path.join(path, f"{plan.key}.safetensors") for plan in plans if plan.own_nbytes}
+        super().__init__(path, paths, {}, direct_io)
+        manifest = {
+            "format": STORE_FORMAT,
+            "fingerprint": fingerprint,
+            "units": [
+                {
+                    "key": plan.key,
+                    "name": plan.name,
+                    "tensors": [[s.name, SAFETENSORS_DTYPES[s.dtype], list(s.shape), off] for s, off in plan.own],
+                }
+                for plan in plans
+                if plan.own_nbytes
+            ],
+        }
+        if writer:
+            self._prepare_dir()
+            existing = self._load_manifest()
+            if existing is not None and self._same_layout(existing, manifest):
+                logger.info(f"Reusing the NVMe store in {path}")
+                self._check(existing, verify, progress)
+            else:
+                if existing is not None:
+                    logger.warning(f"The NVMe store in {path} holds other weights (stale): rebuilding it")
+                if source is None:
+                    raise RuntimeError(f"no valid NVMe store in {path} and no weights to write one from")
+                self._write(plans, source, manifest, progress)
+        else:
+            existing = self._load_manifest()
+            if existing is None or not self._same_layout(existing, manifest):
+                raise RuntimeError(f"no valid NVMe store for this model in {path} (was it written by another process?)")
+            self._check(existing, verify, progress)
+        for key, file_path in self._paths.items():
+            if key not in self._data_start:
+                self._data_start[key] = read_safetensors_header(file_path)[0]
+
+    # -- building -------------------------------------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"nvme_path ({self.path}) cannot be created: {err.strerror}") from err
+        if not os.path.isdir(self.path):
+            raise ValueError(f"nvme_path ({self.path}) is not a directory")
+        probe = os.path.join(self.path, f".write_probe_{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"0")
+            os.remove(probe)
+        except OSError as err:
+            raise ValueError(f"nvme_path ({self.path}) is not writable: {err.strerror}") from err
+
+    def _load_manifest(self) -> dict | None:
+        try:
+            with open(os.path.join(self.path, MANIFEST)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            logger.warning(f"Ignoring the unreadable store manifest in {self.path}: {err}")
+            return None
+
+    @staticmethod
+    def _same_layout(existing: dict, manifest: dict) -> bool:
+        return all(existing.get(k) == manifest[k] for k in ("format", "fingerprint", "units"))
+
+    def _check(self, manifest: dict, verify: bool, progress: bool) -> None:
+        files = manifest.get("files", {})
+        for key, file_path in self._paths.items():
+            if key not in files:
+                continue
+            expected = files[key]
+            try:
+                size = os.path.getsize(file_path)
+            except OSError as err:
+                raise RuntimeError(f"NVMe store file {file_path} is missing: delete {self.path} to rebuild") from err
+            if size != expected["size"]:
+                raise RuntimeError(
+                    f"NVMe store file {file_path} has {size} bytes, its manifest says {expected['size']}: the file is "
+                    f"truncated or was changed; delete {self.path} to rebuild the store"
+                )
+        if not verify:
+            return
+        total = sum(files[k]["size"] for k in self._paths if k in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying the NVMe store", disable=not progress) as bar:
+            for key, file_path in self._paths.items():
+                if key not in files:
+                    continue
+                crc = 0
+                with open(file_path, "rb", buffering=0) as f:
+                    while chunk := f.read(64 << 20):
+                        crc = zlib.crc32(chunk, crc)
+                        bar.update(len(chunk))
+                if crc != files[key]["crc32"]:
+                    raise RuntimeError(
+                        f"NVMe store file {file_path} fails its checksum (crc32 {crc:08x}, manifest {files[key]['crc32']:08x}): "
+                        f"the file is corrupted; delete {self.path} to rebuild the store"
+                    )
+
+    def _write(self, plans: list[UnitPlan], source: TensorSource, manifest: dict, progress: bool) -> None:
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)  # from here on the directory holds no valid store until the new manifest lands
+        needed = sum(len(_safetensors_header(p)) + p.own_nbytes for p in plans if p.own_nbytes)
+        free = shutil.disk_usage(self.path).free
+        if needed > free:
+            raise RuntimeError(
+                f"the NVMe store needs {needed / 2**30:.2f} GiB but {self.path} has {free / 2**30:.2f} GiB free"
+            )
+        files = {}
+        with tqdm(total=needed, unit="B", unit_scale=True, desc="Writing the NVMe store", disable=not progress) as bar:
+            for plan in plans:
+                if not plan.own_nbytes:
+                    continue
+                final = self._paths[plan.key]
+                tmp = final + ".tmp"
+                try:
+                    header = _safetensors_header(plan)
+                    crc = 0
+                    with open(tmp, "wb") as f:
+                        f.write(header)
+                        bar.update(len(header))
+                        crc = zlib.crc32(header, crc)
+                        for (spec, _), tensor in zip(plan.own, source(plan), strict=True):
+                            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                                raise RuntimeError(
+                                    f"{spec.name}: the source gave {tuple(tensor.shape)} {tensor.dtype}, "
+                                    f"the store expects {spec.shape} {spec.dtype}"
+                                )
+                            data = tensor_bytes(tensor.cpu())
+                            f.write(memoryview(data.numpy()))
+                            crc = _crc32_tensor(data, crc)
+                            bar.update(data.numel())
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, final)
+                except OSError as err:
+                    _remove_quietly(tmp)
+                    hint = " (out of space)" if err.errno == errno.ENOSPC else ""
+                    raise RuntimeError(f"writing the NVMe store file {tmp} failed{hint}: {err.strerror}") from err
+                except BaseException:
+                    _remove_quietly(tmp)
+                    raise
+                files[plan.key] = {"size": os.path.getsize(final), "crc32": crc}
+        manifest = dict(manifest, files=files)
+        tmp = manifest_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, manifest_path)
+        except OSError as err:
+            _remove_quietly(tmp)
+            raise RuntimeError(f"writing the NVMe store manifest {manifest_path} failed: {err.strerror}") from err
+
+class CheckpointStore(_FileStore):
+    """Ranges read straight from a checkpoint's safetensors shards (`ReadRange.source` is the shard's path)."""
+
+    def __init__(self, files: list[str], direct_io: bool = False):
+        paths = {path: path for path in files}
+        super().__init__(os.path.dirname(files[0]) if files else "", paths, dict.fromkeys(files, 0), direct_io)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
