@@ -44,15 +44,24 @@ PRESETS: dict[str, dict] = {
     "350m-moe128": {**_SEED_COMMON, **_GPT_350M, **_MOE_RECIPE, "num_experts": 128},
     "1.3b-moe128": {**_SEED_COMMON, **_GPT_1_3B, **_MOE_RECIPE, "num_experts": 128},
     # PR-MoE: more experts in the last MoE layers, plus the Residual-MoE dense branch.
-    "350m-pr-moe": {**_SEED_COMMON, **_GPT_350M, **_MOE_RECIPE, "num_experts": [32] * 10 + [64] * 2,
-                    "use_residual_moe": True},
-    "1.3b-pr-moe": {**_SEED_COMMON, **_GPT_1_3B, **_MOE_RECIPE, "num_experts": [64] * 10 + [128] * 2,
-                    "use_residual_moe": True},
+    "350m-pr-moe": {
+        **_SEED_COMMON,
+        **_GPT_350M,
+        **_MOE_RECIPE,
+        "num_experts": [32] * 10 + [64] * 2,
+        "use_residual_moe": True,
+    },
+    "1.3b-pr-moe": {
+        **_SEED_COMMON,
+        **_GPT_1_3B,
+        **_MOE_RECIPE,
+        "num_experts": [64] * 10 + [128] * 2,
+        "use_residual_moe": True,
+    },
     # Tiny models for tests and examples (expert dims are multiples of 8 so `grouped_mm` runs on CPU).
     "tiny": {**_TINY},
     "tiny-moe": {**_TINY, **_MOE_RECIPE, "num_experts": 8, "initializer_range": 0.02},
-    "tiny-pr-moe": {**_TINY, **_MOE_RECIPE, "num_experts": [4, 8], "use_residual_moe": True,
-                    "initializer_range": 0.02},
+    "tiny-pr-moe": {**_TINY, **_MOE_RECIPE, "num_experts": [4, 8], "use_residual_moe": True, "initializer_range": 0.02},
 }
 
 NOISY_GATE_POLICIES = (None, "jitter", "rsample")
@@ -232,8 +241,14 @@ class GPTMoEConfig(PreTrainedConfig):
         self._check_values()
 
     def _check_values(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} ({value}) must be >= 1")

@@ -183,8 +183,9 @@ class _SortedExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias,
-                act_fn):
+    def forward(
+        ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
+    ):
         num_tokens, num_top_k = top_k_index.shape
         num_experts = up_proj.shape[0]
         # Assignments with weight 0 (dropped over capacity) are not computed, as in DeepSpeed: they are sorted
@@ -232,18 +233,22 @@ class _SortedExpertsFunction(torch.autograd.Function):
         states, up, activated, down, sorted_weights, order, slots, up_proj, down_proj = ctx.saved_tensors
         token_of = order // ctx.num_top_k
         sorted_grad = grad_output.index_select(0, token_of).float()  # (assignments, hidden)
-        grad_weights = torch.zeros(ctx.input_shape[0] * ctx.num_top_k, dtype=ctx.weights_dtype,
-                                   device=grad_output.device)  # (tokens * k,)
+        grad_weights = torch.zeros(
+            ctx.input_shape[0] * ctx.num_top_k, dtype=ctx.weights_dtype, device=grad_output.device
+        )  # (tokens * k,)
         grad_weights.index_copy_(0, order, (down.float() * sorted_grad).sum(-1).to(ctx.weights_dtype))
         grad_down = (sorted_grad * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
         if slots is None:
+
             def linear_backward(grad, inputs, weight):
                 return _sorted_linear_backward(grad, inputs, weight, ctx.counts)
         else:
             linear_backward = _padded_linear_backward
-            grad_down = grad_down.new_zeros(up.shape[0] * up.shape[1], grad_down.shape[1]).index_copy_(
-                0, slots, grad_down
-            ).view(up.shape[0], up.shape[1], -1)  # (experts, capacity, hidden)
+            grad_down = (
+                grad_down.new_zeros(up.shape[0] * up.shape[1], grad_down.shape[1])
+                .index_copy_(0, slots, grad_down)
+                .view(up.shape[0], up.shape[1], -1)
+            )  # (experts, capacity, hidden)
 
         grad_down_proj, grad_down_bias, grad_activated = linear_backward(grad_down, activated, down_proj)
         if isinstance(ctx.act_fn, GELUActivation) and ctx.act_fn.act is F.gelu:
@@ -257,8 +262,16 @@ class _SortedExpertsFunction(torch.autograd.Function):
         if slots is not None:
             grad_states = grad_states.view(-1, grad_states.shape[-1]).index_select(0, slots)  # (assignments, hidden)
         grad_hidden = grad_states.new_zeros(ctx.input_shape).index_add_(0, token_of, grad_states)
-        return (grad_hidden.to(ctx.input_dtype), None, grad_weights.view(-1, ctx.num_top_k), grad_up_proj,
-                grad_up_bias, grad_down_proj, grad_down_bias, None)
+        return (
+            grad_hidden.to(ctx.input_dtype),
+            None,
+            grad_weights.view(-1, ctx.num_top_k),
+            grad_up_proj,
+            grad_up_bias,
+            grad_down_proj,
+            grad_down_bias,
+            None,
+        )
 
 
 def sorted_mm_experts_forward(
@@ -272,8 +285,14 @@ def sorted_mm_experts_forward(
     if hidden_states.device.type != "cpu" or self.has_gate or not self.has_bias or self.is_transposed:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _SortedExpertsFunction.apply(
-        hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj,
-        self.down_proj_bias, self.act_fn,
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        self.up_proj,
+        self.up_proj_bias,
+        self.down_proj,
+        self.down_proj_bias,
+        self.act_fn,
     )
 
 
@@ -301,9 +320,7 @@ class GPTMoERouter(nn.Module):
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
 
-    def forward(
-        self, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         hidden_states = hidden_states.float()  # (tokens, hidden)
         if self.training and self.noisy_gate_policy == "jitter":
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(

@@ -77,7 +77,9 @@ class OffloadConfig:
         zero = ds_config["zero_optimization"]
         stage = zero.get("stage", 0)
         if stage != 3:
-            raise ValueError(f"zero_optimization.stage ({stage}) must be 3: ZeRO-Inference offloads parameters with stage 3")
+            raise ValueError(
+                f"zero_optimization.stage ({stage}) must be 3: ZeRO-Inference offloads parameters with stage 3"
+            )
         offload = zero.get("offload_param")
         if not isinstance(offload, dict):
             raise ValueError("zero_optimization.offload_param is missing: it says where the parameters are offloaded")
@@ -92,7 +94,9 @@ class OffloadConfig:
         if "buffer_count" in offload:
             buffer_count = offload["buffer_count"]
             if not isinstance(buffer_count, int) or buffer_count < 1:
-                raise ValueError(f"zero_optimization.offload_param.buffer_count ({buffer_count!r}) must be an integer >= 1")
+                raise ValueError(
+                    f"zero_optimization.offload_param.buffer_count ({buffer_count!r}) must be an integer >= 1"
+                )
             kwargs["prefetch_depth"] = buffer_count - 1
         aio = ds_config.get("aio") or {}
         if "thread_count" in aio:

@@ -28,10 +28,10 @@ from transformers.utils import logging
 from .config import OffloadConfig
 from .prefetch import FetchPipeline, OffloadStats
 from .store import (
+    SAFETENSORS_DTYPES,
     CheckpointStore,
     CpuStore,
     NvmeStore,
-    SAFETENSORS_DTYPES,
     ReadRange,
     TensorSpec,
     UnitPlan,
@@ -72,8 +72,8 @@ def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, module
 
 
-def _find_units(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
-    """Units in module order, and the names of the modules above the block list."""
+def _find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Units in module order: the blocks, and the other modules holding parameters that are not above the blocks."""
     list_name, blocks = _find_block_list(model)
     parts = list_name.split(".")
     ancestors = {".".join(parts[:i]) for i in range(len(parts))}
@@ -88,7 +88,7 @@ def _find_units(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]
             continue
         if any(True for _ in module.parameters()):
             units.append((name, module))
-    return units, ancestors
+    return units
 
 
 def _placeholder(spec: TensorSpec, device: torch.device) -> nn.Parameter:
@@ -132,7 +132,7 @@ class _OffloadState:
     def __init__(self, model: nn.Module, config: OffloadConfig):
         self.config = config
         self.device = config.execution_device
-        self.unit_modules, ancestors = _find_units(model)
+        self.unit_modules = _find_units(model)
         # every place a parameter sits, grouped by tensor (tied weights have several)
         self.locations: dict[str, list[tuple[nn.Module, str]]] = {}
         self.originals: dict[str, nn.Parameter] = {}
@@ -280,16 +280,36 @@ def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpo
         writer = group is None or group.rank() == 0
         store = None
         if writer:
-            store = NvmeStore(config.nvme_path, state.plans, source, fingerprint, direct_io=config.direct_io,
-                              verify=config.verify_checksums)
+            store = NvmeStore(
+                config.nvme_path,
+                state.plans,
+                source,
+                fingerprint,
+                direct_io=config.direct_io,
+                verify=config.verify_checksums,
+            )
         if group is not None:
             torch.distributed.barrier(group=group)
         if store is None:
-            store = NvmeStore(config.nvme_path, state.plans, None, fingerprint, direct_io=config.direct_io,
-                              verify=False, writer=False, progress=False)
+            store = NvmeStore(
+                config.nvme_path,
+                state.plans,
+                None,
+                fingerprint,
+                direct_io=config.direct_io,
+                verify=False,
+                writer=False,
+                progress=False,
+            )
         state.store = store
     state.pipeline = FetchPipeline(
-        state.plans, state.store, state.device, config.prefetch_depth, config.io_threads, config.chunk_bytes, pin,
+        state.plans,
+        state.store,
+        state.device,
+        config.prefetch_depth,
+        config.io_threads,
+        config.chunk_bytes,
+        pin,
         group,
     )
     for name in state.placeholders:
@@ -453,8 +473,10 @@ def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, dtype: 
         data_start, header = headers[path]
         info = header.get(entry["weight_name"])
         spec_param = state.originals[name]
-        if info is None or info["dtype"] != SAFETENSORS_DTYPES.get(spec_param.dtype) or tuple(info["shape"]) != tuple(
-            spec_param.shape
+        if (
+            info is None
+            or info["dtype"] != SAFETENSORS_DTYPES.get(spec_param.dtype)
+            or tuple(info["shape"]) != tuple(spec_param.shape)
         ):
             return None
         located[name] = (path, data_start + info["data_offsets"][0])
@@ -529,8 +551,13 @@ def load_offloaded(
             if config.reuse_checkpoint:
                 checkpoint_plans = _checkpoint_plans(state, loader, offload_folder, model_dtype)
             if checkpoint_plans is None:
-                files = sorted({e["safetensors_file"] for e in getattr(loader, "index", {}).values()
-                                if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)})
+                files = sorted(
+                    {
+                        e["safetensors_file"]
+                        for e in getattr(loader, "index", {}).values()
+                        if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)
+                    }
+                )
                 fingerprint = {
                     "source": "checkpoint",
                     "name": name_or_path,

@@ -77,7 +77,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ReadRange:
-    """Copy `nbytes` from `source` (a unit key or a checkpoint file) at `src_offset` to the unit buffer at `dst_offset`."""
+    """`nbytes` at `src_offset` of `source` (a unit key or a checkpoint file) go to `dst_offset` of the unit buffer."""
 
     source: str
     src_offset: int
@@ -258,7 +258,7 @@ class _FileStore:
                 got = os.preadv(self._fd(rng.source, direct), [view[done:]], src + done)
             except OSError as err:
                 if direct and err.errno == errno.EINVAL:  # e.g. an unaligned buffer: retry through the page cache
-                    direct, view = False, view[: want]
+                    direct, view = False, view[:want]
                     continue
                 raise RuntimeError(f"reading NVMe store file {self._paths[rng.source]} failed: {err.strerror}") from err
             if got == 0:
@@ -283,7 +283,6 @@ class _FileStore:
             for fd in table.values():
                 os.close(fd)
             table.clear()
-
 
 
 class NvmeStore(_FileStore):
@@ -398,8 +397,8 @@ class NvmeStore(_FileStore):
                         bar.update(len(chunk))
                 if crc != files[key]["crc32"]:
                     raise RuntimeError(
-                        f"NVMe store file {file_path} fails its checksum (crc32 {crc:08x}, manifest {files[key]['crc32']:08x}): "
-                        f"the file is corrupted; delete {self.path} to rebuild the store"
+                        f"NVMe store file {file_path} fails its checksum (crc32 {crc:08x}, manifest "
+                        f"{files[key]['crc32']:08x}): the file is corrupted; delete {self.path} to rebuild the store"
                     )
 
     def _write(self, plans: list[UnitPlan], source: TensorSource, manifest: dict, progress: bool) -> None:
@@ -458,6 +457,7 @@ class NvmeStore(_FileStore):
         except OSError as err:
             _remove_quietly(tmp)
             raise RuntimeError(f"writing the NVMe store manifest {manifest_path} failed: {err.strerror}") from err
+
 
 class CheckpointStore(_FileStore):
     """Ranges read straight from a checkpoint's safetensors shards (`ReadRange.source` is the shard's path)."""
