@@ -33,6 +33,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 ALIGN = 4096
+# Every tensor starts on a 64-byte boundary, as torch's CPU allocator gives: kernels see the same alignment as in memory.
+TENSOR_ALIGN = 64
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
 
@@ -111,6 +113,7 @@ def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
         own = [spec for spec in specs if spec.name not in owner]
         offset = 0
         for spec in sorted(own, key=lambda s: -s.dtype.itemsize):
+            offset = align_up(offset, TENSOR_ALIGN)
             plan.own.append((spec, offset))
             plan.tensors.append((spec, offset))
             owner[spec.name] = (plan, offset)
@@ -182,12 +185,16 @@ class CpuStore:
 
 def _safetensors_header(plan: UnitPlan) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "hf_moe_offload", "unit": plan.name}}
+    end = 0
     for spec, offset in plan.own:
+        if offset > end:  # the format has no holes: alignment gaps are small uint8 padding tensors
+            header[f"__padding_{end}__"] = {"dtype": "U8", "shape": [offset - end], "data_offsets": [end, offset]}
         header[spec.name] = {
             "dtype": SAFETENSORS_DTYPES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
+        end = offset + spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Pad the JSON with spaces (allowed by the format) so the data starts on a 4 KiB boundary: O_DIRECT-readable.
     length = align_up(len(raw) + 8) - 8
@@ -425,7 +432,13 @@ class NvmeStore(_FileStore):
                         f.write(header)
                         bar.update(len(header))
                         crc = zlib.crc32(header, crc)
-                        for (spec, _), tensor in zip(plan.own, source(plan), strict=True):
+                        end = 0
+                        for (spec, offset), tensor in zip(plan.own, source(plan), strict=True):
+                            if offset > end:
+                                pad = bytes(offset - end)
+                                f.write(pad)
+                                crc = zlib.crc32(pad, crc)
+                            end = offset + spec.nbytes
                             if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
                                 raise RuntimeError(
                                     f"{spec.name}: the source gave {tuple(tensor.shape)} {tensor.dtype}, "

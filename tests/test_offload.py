@@ -1,0 +1,226 @@
+"""The offload runtime gives exactly the in-memory model's tokens and logits on every architecture it claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OPTConfig,
+    Qwen2MoeConfig,
+)
+
+from hf_moe_offload import (
+    GPTMoEConfig,
+    GPTMoEForCausalLM,
+    OffloadConfig,
+    disable_offload,
+    enable_offload,
+    get_offload_stats,
+)
+from hf_moe_offload.offload import prefetch
+
+
+VOCAB = 96
+_SMALL = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+
+
+def _tiny_config(arch: str):
+    if arch == "gpt_moe":
+        return GPTMoEConfig.from_preset("tiny-moe", vocab_size=VOCAB, num_hidden_layers=3)
+    if arch == "gpt_moe_top2_capacity":
+        return GPTMoEConfig.from_preset(
+            "tiny-moe", vocab_size=VOCAB, num_experts_per_tok=2, eval_capacity_factor=1.0, min_capacity=1
+        )
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **_SMALL)
+    if arch == "opt":
+        return OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                         max_position_embeddings=64, **_SMALL)
+    if arch == "bloom":
+        return BloomConfig(hidden_size=32, n_layer=3, n_head=4, **_SMALL)
+    llama_like = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 64, **_SMALL}
+    if arch == "llama":
+        return LlamaConfig(tie_word_embeddings=True, **llama_like)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=8, **llama_like)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, decoder_sparse_step=2, mlp_only_layers=[0],
+                              **llama_like)
+    raise ValueError(arch)
+
+
+ARCHS = ["gpt_moe", "gpt_moe_top2_capacity", "gpt2", "opt", "bloom", "llama", "mistral", "mixtral", "qwen2_moe"]
+
+
+def tiny_model(arch: str):
+    torch.manual_seed(0)
+    config = _tiny_config(arch)
+    if arch.startswith("gpt_moe"):
+        return GPTMoEForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def prompts(batch=2, seq=5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=generator)
+
+
+def snapshot(model):
+    return {name: (param, param.detach().clone()) for name, param in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_unchanged(model, before):
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    for name, (param, value) in before.items():
+        assert after[name] is param, f"{name} is another Parameter object after disable_offload"
+        assert param.device == value.device and param.dtype == value.dtype
+        assert torch.equal(param, value), name
+
+
+def store_config(kind: str, tmp_path, depth: int, **kwargs) -> OffloadConfig:
+    return OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=depth, **kwargs)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offloaded_generate_and_logits_equal_in_memory(arch, kind, depth, tmp_path):
+    model = tiny_model(arch)
+    ids = prompts()
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    before = snapshot(model)
+
+    enable_offload(model, store_config(kind, tmp_path, depth))
+    with torch.no_grad():
+        offloaded_logits = model(ids).logits
+    offloaded_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    stats = get_offload_stats(model)
+    disable_offload(model)
+
+    assert torch.equal(offloaded_logits, logits)  # same kernels on the same bytes: bit for bit
+    assert torch.equal(offloaded_tokens, tokens)
+    assert stats.peak_resident_units <= depth + 1
+    assert stats.units_fetched > 0 and stats.bytes_fetched > 0
+    assert stats.store_read_bytes[kind] > 0
+    if depth > 0:
+        assert stats.prefetch_hits + stats.on_demand_fetches > 0 and stats.resyncs == 0
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("arch", ["gpt_moe", "llama", "mixtral"])
+def test_sampling_and_beam_search_match_in_memory(arch, tmp_path):
+    model = tiny_model(arch)
+    ids = prompts()
+    torch.manual_seed(123)
+    sampled = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)
+    beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    enable_offload(model, store_config("nvme", tmp_path, 2))
+    torch.manual_seed(123)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20), sampled)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False), beams)
+    disable_offload(model)
+
+
+def test_tied_weights_stay_tied_and_are_stored_once(tmp_path):
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    enable_offload(model, store_config("nvme", tmp_path, 1))
+    state = model._hf_moe_offload_state
+    stored = [spec.name for plan in state.plans for spec, _ in plan.own]
+    assert len(stored) == len(set(stored))
+    assert model.lm_head.weight is model.transformer.wte.weight  # both point at one placeholder between uses
+    disable_offload(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_at_most_depth_plus_one_units_resident(tmp_path, monkeypatch):
+    """Counted from the pipeline's own events, independently of its statistics."""
+    live: set[int] = set()
+    peak = [0]
+    submit, free = prefetch.FetchPipeline._submit, prefetch.FetchPipeline._free_slot
+
+    def counting_submit(self, unit, slot):
+        live.add(unit)
+        peak[0] = max(peak[0], len(live))
+        return submit(self, unit, slot)
+
+    def counting_free(self, slot):
+        live.discard(slot.unit)
+        return free(self, slot)
+
+    monkeypatch.setattr(prefetch.FetchPipeline, "_submit", counting_submit)
+    monkeypatch.setattr(prefetch.FetchPipeline, "_free_slot", counting_free)
+    for depth in (0, 1, 2):
+        model = tiny_model("llama")
+        live.clear()
+        peak[0] = 0
+        enable_offload(model, store_config("cpu", tmp_path, depth))
+        model.generate(prompts(), max_new_tokens=5, do_sample=False)
+        disable_offload(model)
+        assert 1 <= peak[0] <= depth + 1, (depth, peak[0])
+        if depth:
+            assert peak[0] == depth + 1  # the pipeline does fill its ring
+
+
+def test_prefetch_wraps_around_between_steps(tmp_path):
+    model = tiny_model("llama")
+    enable_offload(model, store_config("cpu", tmp_path, 2))
+    ids = prompts()
+    with torch.no_grad():
+        model(ids)  # learns the order (every unit on demand)
+        get_offload_stats(model, reset=True)
+        model(ids)
+    stats = get_offload_stats(model)
+    disable_offload(model)
+    units = len(model.model.layers) + 3  # embedding, blocks, norm, head
+    assert stats.on_demand_fetches == 0  # the embedding of the second pass was prefetched after the first's head
+    assert stats.units_fetched == units
+
+
+def test_stats_count_bytes_of_each_pass(tmp_path):
+    model = tiny_model("gpt2")
+    unique = {id(p): p for p in model.parameters()}
+    tied_bytes = model.transformer.wte.weight.numel() * 4
+    model_bytes = sum(p.numel() * p.element_size() for p in unique.values())
+    enable_offload(model, store_config("cpu", tmp_path, 0))
+    with torch.no_grad():
+        model(prompts())
+    stats = get_offload_stats(model, reset=True)
+    # the tied embedding is fetched twice: by the embedding and by the head
+    assert stats.bytes_fetched == model_bytes + tied_bytes
+    assert stats.store_read_bytes["cpu"] == stats.bytes_fetched
+    assert stats.forward_passes == 1 and stats.fetch_wait_seconds > 0
+    assert get_offload_stats(model).bytes_fetched == 0
+    disable_offload(model)
+
+
+def test_model_device_and_dtype_report_the_execution_device(tmp_path):
+    model = tiny_model("llama").to(torch.bfloat16)
+    enable_offload(model, store_config("cpu", tmp_path, 1))
+    assert model.device == torch.device("cpu") and model.dtype == torch.bfloat16
+    # between uses a weight reads NaN: used outside its unit it cannot pass unnoticed
+    assert torch.isnan(model.model.layers[0].mlp.up_proj.weight).all()
+    disable_offload(model)
+    assert not torch.isnan(model.model.layers[0].mlp.up_proj.weight).any()
+
+
+def test_bf16_model_offloaded_matches(tmp_path):
+    model = tiny_model("gpt_moe").to(torch.bfloat16)
+    ids = prompts()
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    enable_offload(model, store_config("nvme", tmp_path, 1))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
+    disable_offload(model)

@@ -1,0 +1,302 @@
+"""Bad input and faults of the offload runtime: clear errors, nothing half-written used later, never wrong tokens."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
+from hf_moe_offload.offload import store as store_module
+
+from test_offload import prompts, tiny_model
+
+
+def nvme(tmp_path, **kwargs) -> OffloadConfig:
+    return OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", **kwargs)
+
+
+def unit_files(tmp_path):
+    return sorted((tmp_path / "store").glob("unit_*.safetensors"))
+
+
+@pytest.fixture
+def llama_and_tokens():
+    model = tiny_model("llama")
+    return model, model.generate(prompts(), max_new_tokens=6, do_sample=False)
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"offload_device": "disk"}, "offload_device ('disk') must be one of"),
+        ({"offload_device": "nvme"}, "needs nvme_path"),
+        ({"prefetch_depth": -1}, "prefetch_depth (-1) must be an integer >= 0"),
+        ({"prefetch_depth": 1.5}, "prefetch_depth (1.5) must be an integer >= 0"),
+        ({"io_threads": 0}, "io_threads (0) must be an integer >= 1"),
+        ({"execution_device": "meta"}, "execution_device ('meta') must be the CPU or a CUDA device"),
+        ({"execution_device": "not a device"}, "is not a torch device"),
+    ],
+)
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        OffloadConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_from_deepspeed_reads_zero_inference_config():
+    config = OffloadConfig.from_deepspeed(
+        {
+            "zero_optimization": {
+                "stage": 3,
+                "offload_param": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": False, "buffer_count": 3},
+            },
+            "aio": {"thread_count": 4},
+        },
+        execution_device="cpu",
+    )
+    assert config.offload_device == "nvme" and config.nvme_path == "/local_nvme"
+    assert config.pin_memory is False and config.prefetch_depth == 2 and config.io_threads == 4
+    assert OffloadConfig.from_deepspeed({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+
+
+@pytest.mark.parametrize(
+    ("ds_config", "message"),
+    [
+        ({"train_batch_size": 1}, "'zero_optimization' section"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "stage (2) must be 3"),
+        ({"zero_optimization": {"stage": 3}}, "offload_param is missing"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}, "device ('none') must be one of"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}, "device ('gpu') must be one of"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "buffer_count": 0}}},
+            "buffer_count (0) must be an integer >= 1",
+        ),
+    ],
+)
+def test_from_deepspeed_bad_configs(ds_config, message):
+    with pytest.raises(ValueError) as err:
+        OffloadConfig.from_deepspeed(ds_config)
+    assert message in str(err.value)
+
+
+# -- models the runtime cannot take --------------------------------------------------------------------------------
+
+
+def test_model_without_block_list_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match=r"no torch.nn.ModuleList of decoder blocks \(such as model.layers"):
+        enable_offload(model, OffloadConfig())
+
+
+def test_offloading_twice_and_disabling_a_plain_model_are_refused(tmp_path):
+    model = tiny_model("gpt2")
+    with pytest.raises(RuntimeError, match="not offloaded"):
+        disable_offload(model)
+    with pytest.raises(RuntimeError, match="not offloaded"):
+        get_offload_stats(model)
+    enable_offload(model, OffloadConfig())
+    with pytest.raises(RuntimeError, match="already offloaded"):
+        enable_offload(model, OffloadConfig())
+    disable_offload(model)
+
+
+def test_model_dispatched_by_accelerate_is_refused():
+    from accelerate import cpu_offload
+
+    model = tiny_model("gpt2")
+    cpu_offload(model, execution_device="cpu")
+    with pytest.raises(ValueError, match="already has accelerate hooks"):
+        enable_offload(model, OffloadConfig())
+
+
+@pytest.mark.parametrize("call", ["to", "cuda", "cpu", "half", "float", "bfloat16"])
+def test_moving_an_offloaded_model_says_to_disable_first(call, tmp_path):
+    model = tiny_model("llama")
+    enable_offload(model, OffloadConfig())
+    args = ("cpu",) if call == "to" else ()
+    with pytest.raises(RuntimeError, match=r"call hf_moe_offload.disable_offload\(model\) first"):
+        getattr(model, call)(*args)
+    disable_offload(model)
+    assert model.to("cpu") is model  # the guard is gone
+
+
+# -- the NVMe store: paths, space, reuse, staleness, corruption -----------------------------------------------------
+
+
+def test_nvme_path_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"nvme_path \(.*a_file/store\) cannot be created"):
+        enable_offload(model, OffloadConfig(offload_device="nvme", nvme_path=blocker / "store"))
+    assert model.transformer.h[0].mlp.c_fc.weight.numel() > 0  # nothing was taken from the model
+
+
+def test_nvme_path_not_writable():
+    # sysfs refuses new files even to root
+    with pytest.raises(ValueError, match=r"nvme_path \(/sys\) is not writable"):
+        enable_offload(tiny_model("gpt2"), OffloadConfig(offload_device="nvme", nvme_path="/sys"))
+
+
+def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):
+    real = store_module.shutil.disk_usage
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    model, tokens = tiny_model("gpt2"), None
+    with pytest.raises(RuntimeError, match=r"the NVMe store needs .* GiB but .* has 0.00 GiB free"):
+        enable_offload(model, nvme(tmp_path))
+    assert not unit_files(tmp_path) and not (tmp_path / "store" / "manifest.json").exists()
+    assert getattr(model, "_hf_moe_offload_state", None) is None
+
+
+def test_running_out_of_space_while_writing_leaves_no_store(tmp_path, monkeypatch, llama_and_tokens):
+    model, tokens = llama_and_tokens
+    calls = [0]
+    real_fsync = os.fsync
+
+    def fsync_fails_on_third_file(fd):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync_fails_on_third_file)
+    with pytest.raises(RuntimeError, match=r"writing the NVMe store file .*unit_00002.safetensors.tmp failed \(out of"):
+        enable_offload(model, nvme(tmp_path))
+    monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    store_dir = tmp_path / "store"
+    assert not (store_dir / "manifest.json").exists() and not list(store_dir.glob("*.tmp"))
+    # the model was left as it was and the next attempt writes a whole store
+    assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
+    enable_offload(model, nvme(tmp_path))
+    assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
+    disable_offload(model)
+
+
+def test_valid_store_is_reused_incomplete_and_stale_ones_rebuilt(tmp_path, llama_and_tokens):
+    model, tokens = llama_and_tokens
+    enable_offload(model, nvme(tmp_path))
+    disable_offload(model)
+    stamps = {f: f.stat().st_mtime_ns for f in unit_files(tmp_path)}
+    enable_offload(model, nvme(tmp_path))
+    assert {f: f.stat().st_mtime_ns for f in unit_files(tmp_path)} == stamps  # reused, not written again
+    assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
+    disable_offload(model)
+
+    (tmp_path / "store" / "manifest.json").unlink()  # an interrupted write: no manifest
+    enable_offload(model, nvme(tmp_path))
+    assert all(f.stat().st_mtime_ns != stamps[f] for f in unit_files(tmp_path))
+    disable_offload(model)
+
+    other = tiny_model("llama")
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(1.5)  # same shapes, other weights: the store is stale
+    other_tokens = other.generate(prompts(), max_new_tokens=6, do_sample=False)
+    enable_offload(other, nvme(tmp_path))
+    assert torch.equal(other.generate(prompts(), max_new_tokens=6, do_sample=False), other_tokens)
+    disable_offload(other)
+
+
+def test_store_files_are_safetensors_with_aligned_data(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model("gpt_moe")
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    enable_offload(model, nvme(tmp_path))
+    seen = set()
+    for path in unit_files(tmp_path):
+        data_start, _ = store_module.read_safetensors_header(str(path))
+        assert data_start % 4096 == 0
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if not key.startswith("__padding"):
+                    assert torch.equal(f.get_tensor(key), expected[key])
+                    seen.add(key)
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["format"] == store_module.STORE_FORMAT and len(manifest["files"]) == len(unit_files(tmp_path))
+    disable_offload(model)
+    assert seen == set(expected)
+
+
+def test_corrupted_store_file_is_named(tmp_path, llama_and_tokens):
+    model, _ = llama_and_tokens
+    enable_offload(model, nvme(tmp_path))
+    disable_offload(model)
+    victim = unit_files(tmp_path)[1]
+    raw = bytearray(victim.read_bytes())
+    raw[-10] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match=rf"{victim.name} fails its checksum .* the file is corrupted"):
+        enable_offload(model, nvme(tmp_path))
+    assert getattr(model, "_hf_moe_offload_state", None) is None
+
+
+def test_truncated_store_file_is_named_when_opened(tmp_path, llama_and_tokens):
+    model, _ = llama_and_tokens
+    enable_offload(model, nvme(tmp_path))
+    disable_offload(model)
+    victim = unit_files(tmp_path)[2]
+    os.truncate(victim, victim.stat().st_size - 100)
+    with pytest.raises(RuntimeError, match=rf"{victim.name} has \d+ bytes, its manifest says \d+: the file is trunc"):
+        enable_offload(model, nvme(tmp_path))
+
+
+def test_store_file_truncated_while_running_raises_never_wrong_tokens(tmp_path, llama_and_tokens):
+    model, tokens = llama_and_tokens
+    enable_offload(model, nvme(tmp_path, prefetch_depth=2))
+    victim = unit_files(tmp_path)[2]
+    os.truncate(victim, 4096 + 64)
+    with pytest.raises(RuntimeError, match=rf"{victim.name} is truncated"):
+        model.generate(prompts(), max_new_tokens=6, do_sample=False)
+
+
+# -- failures while running ------------------------------------------------------------------------------------------
+
+
+def test_reader_thread_exception_surfaces_in_the_caller(tmp_path, llama_and_tokens):
+    model, tokens = llama_and_tokens
+    enable_offload(model, nvme(tmp_path, prefetch_depth=2, io_threads=2))
+    store = model._hf_moe_offload_state.store
+    real_read = store.read
+    threads = set()
+
+    def failing_read(*args):
+        threads.add(threading.current_thread().name)
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    store.read = failing_read
+    with pytest.raises(OSError, match=r"injected"):
+        model.generate(prompts(), max_new_tokens=6, do_sample=False)
+    assert threads and threading.current_thread().name not in threads  # it was raised in a reader thread
+    store.read = real_read
+    assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
+    disable_offload(model)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+def test_keyboard_interrupt_mid_generate_leaves_the_model_usable(kind, tmp_path, llama_and_tokens):
+    model, tokens = llama_and_tokens
+    enable_offload(model, OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=2))
+    calls = [0]
+
+    def interrupt(module, args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(prompts(), max_new_tokens=6, do_sample=False)
+    handle.remove()
+    assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
+    assert get_offload_stats(model).peak_resident_units <= 3
+    disable_offload(model)
