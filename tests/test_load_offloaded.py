@@ -64,8 +64,10 @@ def test_reuse_checkpoint_off_copies_into_the_store(tmp_path):
     offloaded = load_offloaded(path, config)
     assert isinstance(offloaded._hf_moe_offload_state.store, NvmeStore)
     ids = prompts()
-    assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False),
-                       model.generate(ids, max_new_tokens=6, do_sample=False))
+    assert torch.equal(
+        offloaded.generate(ids, max_new_tokens=6, do_sample=False),
+        model.generate(ids, max_new_tokens=6, do_sample=False),
+    )
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -73,8 +75,10 @@ def test_sharded_checkpoint(tmp_path):
     assert len(list(path.glob("*.safetensors"))) > 1
     offloaded = load_offloaded(path, OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store"))
     ids = prompts()
-    assert torch.equal(offloaded.generate(ids, max_new_tokens=6, do_sample=False),
-                       model.generate(ids, max_new_tokens=6, do_sample=False))
+    assert torch.equal(
+        offloaded.generate(ids, max_new_tokens=6, do_sample=False),
+        model.generate(ids, max_new_tokens=6, do_sample=False),
+    )
 
 
 def test_disable_offload_after_load_offloaded_gives_the_checkpoint_in_memory(tmp_path):

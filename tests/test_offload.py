@@ -40,12 +40,26 @@ def _tiny_config(arch: str):
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **_SMALL)
     if arch == "opt":
-        return OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                         max_position_embeddings=64, **_SMALL)
+        return OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            **_SMALL,
+        )
     if arch == "bloom":
         return BloomConfig(hidden_size=32, n_layer=3, n_head=4, **_SMALL)
-    llama_like = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "max_position_embeddings": 64, **_SMALL}
+    llama_like = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **_SMALL,
+    }
     if arch == "llama":
         return LlamaConfig(tie_word_embeddings=True, **llama_like)
     if arch == "mistral":
@@ -53,9 +67,15 @@ def _tiny_config(arch: str):
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like)
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=48, decoder_sparse_step=2, mlp_only_layers=[0],
-                              **llama_like)
+        return Qwen2MoeConfig(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+            mlp_only_layers=[0],
+            **llama_like,
+        )
     raise ValueError(arch)
 
 

@@ -9,12 +9,11 @@ import threading
 
 import pytest
 import torch
+from test_offload import prompts, tiny_model
 from torch import nn
 
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
 from hf_moe_offload.offload import store as store_module
-
-from test_offload import prompts, tiny_model
 
 
 def nvme(tmp_path, **kwargs) -> OffloadConfig:
@@ -150,7 +149,7 @@ def test_nvme_path_not_writable():
 def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):
     real = store_module.shutil.disk_usage
     monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    model, tokens = tiny_model("gpt2"), None
+    model = tiny_model("gpt2")
     with pytest.raises(RuntimeError, match=r"the NVMe store needs .* GiB but .* has 0.00 GiB free"):
         enable_offload(model, nvme(tmp_path))
     assert not unit_files(tmp_path) and not (tmp_path / "store" / "manifest.json").exists()
@@ -251,7 +250,7 @@ def test_truncated_store_file_is_named_when_opened(tmp_path, llama_and_tokens):
 
 
 def test_store_file_truncated_while_running_raises_never_wrong_tokens(tmp_path, llama_and_tokens):
-    model, tokens = llama_and_tokens
+    model, _ = llama_and_tokens
     enable_offload(model, nvme(tmp_path, prefetch_depth=2))
     victim = unit_files(tmp_path)[2]
     os.truncate(victim, 4096 + 64)

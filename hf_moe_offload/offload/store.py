@@ -33,7 +33,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 ALIGN = 4096
-# Every tensor starts on a 64-byte boundary, as torch's CPU allocator gives: kernels see the same alignment as in memory.
+# Every tensor starts on a 64-byte boundary like torch's CPU allocations: kernels see the alignment they see in memory.
 TENSOR_ALIGN = 64
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
