@@ -205,26 +205,51 @@ def test_prefetch_wraps_around_between_steps(tmp_path):
         model(ids)
     stats = get_offload_stats(model)
     disable_offload(model)
-    units = len(model.model.layers) + 3  # embedding, blocks, norm, head
-    assert stats.on_demand_fetches == 0  # the embedding of the second pass was prefetched after the first's head
-    assert stats.units_fetched == units
+    streamed = len(model.model.layers) + 2  # blocks, norm, head; the embedding only reads its rows
+    assert stats.on_demand_fetches == 0  # the first block of the second pass was prefetched after the first's head
+    assert stats.units_fetched == streamed
 
 
 def test_stats_count_bytes_of_each_pass(tmp_path):
     model = tiny_model("gpt2")
+    hidden = model.config.n_embd
     unique = {id(p): p for p in model.parameters()}
-    tied_bytes = model.transformer.wte.weight.numel() * 4
     model_bytes = sum(p.numel() * p.element_size() for p in unique.values())
+    wpe_bytes = model.transformer.wpe.weight.numel() * 4
+    ids = prompts()
     enable_offload(model, store_config("cpu", tmp_path, 0))
     with torch.no_grad():
-        model(prompts())
+        model(ids)
     stats = get_offload_stats(model, reset=True)
-    # the tied embedding is fetched twice: by the embedding and by the head
-    assert stats.bytes_fetched == model_bytes + tied_bytes
+    # every block and the head (which holds the tied embedding) in full; of the two embeddings only the rows used
+    rows = len(torch.unique(ids)) + ids.shape[1]
+    assert stats.bytes_fetched == model_bytes - wpe_bytes + rows * hidden * 4
     assert stats.store_read_bytes["cpu"] == stats.bytes_fetched
     assert stats.forward_passes == 1 and stats.fetch_wait_seconds > 0
     assert get_offload_stats(model).bytes_fetched == 0
     disable_offload(model)
+    assert model.transformer.wte.padding_idx is None and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_embedding_reads_only_the_rows_of_its_ids(tmp_path):
+    model = tiny_model("llama")
+    model.model.embed_tokens.padding_idx = 2
+    ids = prompts()
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    enable_offload(model, store_config("nvme", tmp_path, 1))
+    with torch.no_grad():
+        model(ids)
+        get_offload_stats(model, reset=True)
+        model(ids)
+    table = model.model.embed_tokens.weight
+    fetched = get_offload_stats(model).bytes_fetched
+    head = model.lm_head.weight  # tied: the head fetches the whole table, the embedding only its rows
+    assert head is table
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    disable_offload(model)
+    blocks = sum(p.numel() * 4 for p in model.model.layers.parameters()) + model.model.norm.weight.numel() * 4
+    assert fetched == blocks + table.numel() * 4 + len(torch.unique(ids)) * table.shape[1] * 4
+    assert model.model.embed_tokens.padding_idx == 2  # put back
 
 
 def test_model_device_and_dtype_report_the_execution_device(tmp_path):

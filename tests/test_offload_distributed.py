@@ -21,8 +21,9 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     torch.save({"ids": ids, "tokens": tokens}, tmp_path / "reference.pt")
     script = tmp_path / "offload_generate.py"
-    script.write_text(textwrap.dedent(
-        f"""
+    script.write_text(
+        textwrap.dedent(
+            f"""
         import os
         import torch
         import torch.distributed as dist
@@ -43,11 +44,16 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
         dist.destroy_process_group()
         """
-    ))
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()

@@ -269,13 +269,15 @@ def test_reader_thread_exception_surfaces_in_the_caller(tmp_path, llama_and_toke
     threads = set()
 
     def failing_read(*args):
+        if threading.current_thread() is threading.main_thread():
+            return real_read(*args)  # the embedding's row lookups run in the caller
         threads.add(threading.current_thread().name)
         raise OSError(errno.EIO, "Input/output error (injected)")
 
     store.read = failing_read
     with pytest.raises(OSError, match=r"injected"):
         model.generate(prompts(), max_new_tokens=6, do_sample=False)
-    assert threads and threading.current_thread().name not in threads  # it was raised in a reader thread
+    assert threads and all(name.startswith("hf_moe_offload-io") for name in threads)
     store.read = real_read
     assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
     disable_offload(model)

@@ -141,7 +141,9 @@ class FetchPipeline:
     def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
         share = self._share[plan.index]
         mine = buffer[self.rank * share : (self.rank + 1) * share].clone()
-        torch.distributed.all_gather_into_tensor(buffer[: share * self.world], mine, group=self.group)
+        dist = torch.distributed
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        gather(buffer[: share * self.world], mine, group=self.group)
 
     def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
         if self.device.type == "cpu":
@@ -250,6 +252,9 @@ class FetchPipeline:
             self.order, self.recording = self.recording, []
             self.pos = len(self.order) - 1
         self._prefetch()
+        if self.world > 1:
+            # No collective may outlive the forward: the caller may tear the process group down next.
+            wait([slot.future for slot in self.resident.values() if slot.future is not None])
 
     def _prefetch(self) -> None:
         if self.order is None:
