@@ -5,8 +5,10 @@ Systems (each in its own process, so peak RSS is its own):
   accelerate-disk      `accelerate.disk_offload` (weights in .dat files, hooks per leaf module)
   accelerate-cpu       `accelerate.cpu_offload` (weights in a CPU state dict, hooks per leaf module)
   ours-cpu-dN          `load_offloaded` with the CPU store, prefetch_depth N
-  ours-nvme-dN         `load_offloaded` with the NVMe store, prefetch_depth N (checkpoint shards read in place)
-  ours-nvme-direct-dN  the NVMe store written as unit files and read with O_DIRECT (page cache bypassed)
+  ours-nvme-dN         `load_offloaded` with the NVMe store, prefetch_depth N: the checkpoint's shards read in place,
+                       their pages mapped from the page cache (zero-copy, the default on the CPU device)
+  ours-nvme-copy-dN    the same, copied into slot buffers by the reader threads (the CUDA path's reads)
+  ours-nvme-direct-dN  the NVMe store written as unit files and read with O_DIRECT into slot buffers
 
 Models: GPT-2 shaped with random weights: "355m" (GPT-2 medium: 24 layers, hidden 1024) and "1.3b" (24 layers, hidden
 2048), saved once as safetensors under --work-dir. Prompt of 4 tokens, --new-tokens new tokens, KV cache on.
@@ -15,7 +17,7 @@ Read bandwidth is the store bytes read during that phase over its time; `dd ifla
 the disk's own direct-read bandwidth. Peak RSS is the process's maximum resident set (ru_maxrss).
 
     python benchmarks/offload_generate.py                       # everything (about an hour on 2 cores)
-    python benchmarks/offload_generate.py --models 355m --dtypes float32 --batch-sizes 1 --systems in-memory ours-nvme-d1
+    python benchmarks/offload_generate.py --models 355m --dtypes float32 --batch-sizes 1 --systems ours-nvme-d1
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ SYSTEMS = [
     "ours-nvme-d0",
     "ours-nvme-d1",
     "ours-nvme-d2",
+    "ours-nvme-copy-d2",
     "ours-nvme-direct-d2",
 ]
+BASELINES = ("in-memory", "accelerate-disk")
 SHAPES = {"355m": {"n_embd": 1024, "n_layer": 24, "n_head": 16}, "1.3b": {"n_embd": 2048, "n_layer": 24, "n_head": 32}}
 
 
@@ -93,14 +97,15 @@ def child(args) -> None:
         else:
             cpu_offload(model, "cpu")
     else:
-        match = re.fullmatch(r"ours-(cpu|nvme)(-direct)?-d(\d)", system)
-        kind, direct, depth = match.group(1), bool(match.group(2)), int(match.group(3))
+        match = re.fullmatch(r"ours-(cpu|nvme)(-copy|-direct)?-d(\d)", system)
+        kind, variant, depth = match.group(1), match.group(2), int(match.group(3))
         config = OffloadConfig(
             offload_device=kind,
             nvme_path=os.path.join(args.work_dir, f"store-{args.model}-{args.dtype}"),
             prefetch_depth=depth,
-            direct_io=direct,
-            reuse_checkpoint=not direct,
+            direct_io=variant == "-direct",
+            map_files=variant is None,
+            reuse_checkpoint=variant != "-direct",
         )
         model = load_offloaded(model_path, config, dtype=dtype)
     model.eval()
@@ -178,7 +183,8 @@ def main() -> None:
     results = []
     import torch
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}")
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "MALLOC_"))}
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, env {omp}")
     for model in args.models:
         for dtype in args.dtypes:
             path = checkpoint(args.work_dir, model, dtype)
@@ -188,6 +194,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--child", system, "--model", model, "--dtype", dtype,
                            "--work-dir", args.work_dir, "--new-tokens", str(args.new_tokens),
                            "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
+                subprocess.run(["sync"], check=False)
                 run = subprocess.run(command, capture_output=True, text=True)
                 rows = [json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
                 if run.returncode != 0:
@@ -207,13 +214,13 @@ def main() -> None:
     print("\n| model | dtype | batch | system | tokens/s | x in-memory | x accelerate-disk | read GB/s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in results:
-        same = [r for r in results if (r["model"], r["dtype"], r["batch"]) == (row["model"], row["dtype"], row["batch"])]
-        base = {r["system"]: r["tokens_per_s"] for r in same}
-        ratio = lambda name: f"{row['tokens_per_s'] / base[name]:.2f}" if name in base else "-"
+        key = (row["model"], row["dtype"], row["batch"])
+        base = {r["system"]: r["tokens_per_s"] for r in results if (r["model"], r["dtype"], r["batch"]) == key}
+        ratios = [f"{row['tokens_per_s'] / base[name]:.2f}" if name in base else "-" for name in BASELINES]
         read = f"{row['read_gb_per_s']:.2f}" if "read_gb_per_s" in row else "-"
         print(
             f"| {row['model']} | {row['dtype']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.2f} | "
-            f"{ratio('in-memory')} | {ratio('accelerate-disk')} | {read} | {row['peak_rss_gb']:.2f} |"
+            f"{' | '.join(ratios)} | {read} | {row['peak_rss_gb']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

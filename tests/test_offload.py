@@ -108,12 +108,19 @@ def assert_unchanged(model, before):
         assert torch.equal(param, value), name
 
 
+# "nvme" maps the store's pages on the CPU device; "nvme-copy" reads them into slot buffers like the CUDA path does;
+# "nvme-direct" reads with O_DIRECT into slot buffers.
+KINDS = {"cpu": {}, "nvme": {}, "nvme-copy": {"map_files": False}, "nvme-direct": {"direct_io": True}}
+
+
 def store_config(kind: str, tmp_path, depth: int, **kwargs) -> OffloadConfig:
-    return OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=depth, **kwargs)
+    device = "cpu" if kind == "cpu" else "nvme"
+    options = {**KINDS[kind], **kwargs}
+    return OffloadConfig(offload_device=device, nvme_path=tmp_path / "store", prefetch_depth=depth, **options)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_offloaded_generate_and_logits_equal_in_memory(arch, kind, depth, tmp_path):
     model = tiny_model(arch)
@@ -128,13 +135,15 @@ def test_offloaded_generate_and_logits_equal_in_memory(arch, kind, depth, tmp_pa
         offloaded_logits = model(ids).logits
     offloaded_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     stats = get_offload_stats(model)
+    direct = model._hf_moe_offload_state.store.direct_io
     disable_offload(model)
 
+    assert direct == (kind == "nvme-direct")  # O_DIRECT was used, not silently replaced by buffered reads
     assert torch.equal(offloaded_logits, logits)  # same kernels on the same bytes: bit for bit
     assert torch.equal(offloaded_tokens, tokens)
     assert stats.peak_resident_units <= depth + 1
     assert stats.units_fetched > 0 and stats.bytes_fetched > 0
-    assert stats.store_read_bytes[kind] > 0
+    assert stats.store_read_bytes["cpu" if kind == "cpu" else "nvme"] > 0
     if depth > 0:
         assert stats.prefetch_hits + stats.on_demand_fetches > 0 and stats.resyncs == 0
     assert_unchanged(model, before)

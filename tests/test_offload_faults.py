@@ -249,9 +249,10 @@ def test_truncated_store_file_is_named_when_opened(tmp_path, llama_and_tokens):
         enable_offload(model, nvme(tmp_path))
 
 
-def test_store_file_truncated_while_running_raises_never_wrong_tokens(tmp_path, llama_and_tokens):
+@pytest.mark.parametrize("map_files", [False, True])
+def test_store_file_truncated_while_running_raises_never_wrong_tokens(map_files, tmp_path, llama_and_tokens):
     model, _ = llama_and_tokens
-    enable_offload(model, nvme(tmp_path, prefetch_depth=2))
+    enable_offload(model, nvme(tmp_path, prefetch_depth=2, map_files=map_files))
     victim = unit_files(tmp_path)[2]
     os.truncate(victim, 4096 + 64)
     with pytest.raises(RuntimeError, match=rf"{victim.name} is truncated"):
@@ -261,32 +262,34 @@ def test_store_file_truncated_while_running_raises_never_wrong_tokens(tmp_path, 
 # -- failures while running ------------------------------------------------------------------------------------------
 
 
-def test_reader_thread_exception_surfaces_in_the_caller(tmp_path, llama_and_tokens):
+@pytest.mark.parametrize(("map_files", "method", "thread"), [(False, "read", "io"), (True, "map_range", "fetch")])
+def test_reader_thread_exception_surfaces_in_the_caller(map_files, method, thread, tmp_path, llama_and_tokens):
     model, tokens = llama_and_tokens
-    enable_offload(model, nvme(tmp_path, prefetch_depth=2, io_threads=2))
+    enable_offload(model, nvme(tmp_path, prefetch_depth=2, io_threads=2, map_files=map_files))
     store = model._hf_moe_offload_state.store
-    real_read = store.read
+    real = getattr(store, method)
     threads = set()
 
-    def failing_read(*args):
+    def failing(*args):
         if threading.current_thread() is threading.main_thread():
-            return real_read(*args)  # the embedding's row lookups run in the caller
+            return real(*args)  # the embedding's row lookups run in the caller
         threads.add(threading.current_thread().name)
         raise OSError(errno.EIO, "Input/output error (injected)")
 
-    store.read = failing_read
+    setattr(store, method, failing)
     with pytest.raises(OSError, match=r"injected"):
         model.generate(prompts(), max_new_tokens=6, do_sample=False)
-    assert threads and all(name.startswith("hf_moe_offload-io") for name in threads)
-    store.read = real_read
+    assert threads and all(name.startswith(f"hf_moe_offload-{thread}") for name in threads)
+    setattr(store, method, real)
     assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
     disable_offload(model)
 
 
-@pytest.mark.parametrize("kind", ["cpu", "nvme"])
-def test_keyboard_interrupt_mid_generate_leaves_the_model_usable(kind, tmp_path, llama_and_tokens):
+@pytest.mark.parametrize(("kind", "map_files"), [("cpu", False), ("nvme", False), ("nvme", True)])
+def test_keyboard_interrupt_mid_generate_leaves_the_model_usable(kind, map_files, tmp_path, llama_and_tokens):
     model, tokens = llama_and_tokens
-    enable_offload(model, OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=2))
+    config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=2, map_files=map_files)
+    enable_offload(model, config)
     calls = [0]
 
     def interrupt(module, args):

@@ -32,7 +32,9 @@ class OffloadConfig:
             buffered reads, with a warning, on a file system that refuses it.
         reuse_checkpoint: in `load_offloaded` with an NVMe store, read tensors straight from the checkpoint's
             safetensors shards when they already hold the wanted dtype (no second copy on disk).
-        verify_checksums: check each store file's checksum the first time it is read in this process.
+        map_files: on the CPU execution device, map the NVMe store's pages (zero-copy from the page cache) instead
+            of copying them into slot buffers: several times less CPU time per byte. Not with `direct_io`.
+        verify_checksums: check every store file against its manifest checksum when an existing store is reused.
         distributed: split each unit's read over the processes of the default `torch.distributed` group and
             all-gather it (ZeRO-Inference's multi-GPU fetch). `None`: on when a group with several processes exists.
     """
@@ -45,6 +47,7 @@ class OffloadConfig:
     io_threads: int = 2
     direct_io: bool = False
     reuse_checkpoint: bool = True
+    map_files: bool = True
     verify_checksums: bool = True
     distributed: bool | None = None
     chunk_bytes: int = field(default=16 << 20, repr=False)

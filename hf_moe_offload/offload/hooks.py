@@ -204,6 +204,13 @@ class _OffloadState:
     # -- binding ------------------------------------------------------------------------------------------------
 
     def _unit_views(self, unit: int, slot) -> list[nn.Parameter]:
+        if slot.mapped is not None:  # a fresh mapping each fetch: views are made each time and unmap with it
+            views = []
+            for spec, offset in self.plans[unit].tensors:
+                start, data = next((s, d) for s, d in slot.mapped if s <= offset < s + d.numel())
+                data = data[offset - start : offset - start + spec.nbytes]
+                views.append(nn.Parameter(data.view(spec.dtype).view(spec.shape), requires_grad=False))
+            return views
         key = (unit, slot.index)
         views = self._views.get(key)
         if views is None:
@@ -370,6 +377,7 @@ def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpo
         config.chunk_bytes,
         pin,
         group,
+        map_files=config.map_files and not config.direct_io,
     )
     for name in state.placeholders:
         for module, attr in state.locations[name]:

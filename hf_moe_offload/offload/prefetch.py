@@ -57,12 +57,16 @@ class OffloadStats:
 
 
 class _Slot:
-    def __init__(self, index: int, nbytes: int, device: torch.device, staging: bool, pin: bool):
+    def __init__(self, index: int, nbytes: int, device: torch.device, staging: bool, pin: bool, mapped: bool):
         self.index = index
         self.unit: int | None = None
         self.future: Future | None = None
         self.bound = False
-        if device.type == "cpu":
+        # memory-mapped mode: (offset in the unit, uint8 tensor) for each range of the unit held, no buffer
+        self.mapped: list[tuple[int, torch.Tensor]] | None = None
+        if mapped:
+            self.buffer = self.staging = None
+        elif device.type == "cpu":
             raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
             start = (-raw.data_ptr()) % ALIGN  # O_DIRECT needs an aligned destination
             self.buffer = raw[start : start + nbytes]
@@ -91,6 +95,7 @@ class FetchPipeline:
         chunk_bytes: int,
         pin: bool,
         group=None,
+        map_files: bool = False,
     ):
         self.plans = plans
         self.store = store
@@ -105,14 +110,15 @@ class FetchPipeline:
         self._payload = {p.index: sum(r.nbytes for r in p.ranges) for p in plans}
         slot_bytes = max(self._share[p.index] * self.world for p in plans)
         direct_copy = isinstance(store, CpuStore) and self.world == 1
-        self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin) for i in range(depth + 1)]
+        self.map_files = map_files and device.type == "cpu" and self.world == 1 and hasattr(store, "map_range")
+        self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin, self.map_files) for i in range(depth + 1)]
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.free: deque[_Slot] = deque(self.slots)
         self.resident: dict[int, _Slot] = {}
         self.order: list[int] | None = None
         self.recording: list[int] = []
         self.pos = -1
-        self.stats = OffloadStats(slot_bytes=slot_bytes * len(self.slots))
+        self.stats = OffloadStats(slot_bytes=0 if self.map_files else slot_bytes * len(self.slots))
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="hf_moe_offload-io")
         self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
 
@@ -146,6 +152,9 @@ class FetchPipeline:
         gather(buffer[: share * self.world], mine, group=self.group)
 
     def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
+        if self.map_files:
+            slot.mapped = [(rng.dst_offset, self.store.map_range(rng)) for rng in plan.ranges]
+            return
         if self.device.type == "cpu":
             self._read_ranges(plan, slot.buffer)
             if self.world > 1:
@@ -177,7 +186,10 @@ class FetchPipeline:
 
     def _free_slot(self, slot: _Slot) -> None:
         self.resident.pop(slot.unit, None)
-        slot.unit, slot.future, slot.bound = None, None, False
+        if slot.mapped:
+            # the last reference to a mapping unmaps it, which takes milliseconds for a large unit: not here
+            self._io.submit(slot.mapped.clear)
+        slot.unit, slot.future, slot.bound, slot.mapped = None, None, False, None
         self.free.append(slot)
 
     def drain(self) -> None:

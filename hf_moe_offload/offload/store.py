@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -36,6 +37,7 @@ ALIGN = 4096
 # Every tensor starts on a 64-byte boundary like torch's CPU allocations: kernels see the alignment they see in memory.
 TENSOR_ALIGN = 64
 STORE_FORMAT = 1
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 MANIFEST = "manifest.json"
 
 SAFETENSORS_DTYPES = {
@@ -276,6 +278,32 @@ class _FileStore:
             done += got
         with self._lock:
             self.read_bytes += want
+
+    def map_range(self, rng: ReadRange) -> torch.Tensor:
+        """The bytes of `rng` as a uint8 CPU tensor over a private memory map of the file, its pages mapped now.
+
+        Zero-copy for the CPU execution device: the pages come straight from the page cache (read from disk first
+        if they are not there), nothing is copied. The mapping is private (a write could never reach the file) and
+        goes away with the last tensor viewing it."""
+        path = self._paths[rng.source]
+        start = self._data_start[rng.source] + rng.src_offset
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(rng.source, False)
+        if os.fstat(fd).st_size < start + rng.nbytes:
+            raise RuntimeError(
+                f"NVMe store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; delete "
+                f"{self.path} to rebuild the store"
+            )
+        mapping = mmap.mmap(
+            fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
+        )
+        try:
+            mapping.madvise(_MADV_POPULATE_READ)  # map every page now (Linux >= 5.14), not at first touch
+        except OSError:
+            mapping.madvise(mmap.MADV_WILLNEED)
+        with self._lock:
+            self.read_bytes += rng.nbytes
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
 
     def tensors(self, plan: UnitPlan) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """The unit's own tensors read into fresh CPU tensors (used to put weights back)."""
