@@ -106,3 +106,9 @@ def test_device_map_is_refused(tmp_path):
     _, path = saved("gpt2", tmp_path)
     with pytest.raises(ValueError, match="do not pass device_map"):
         load_offloaded(path, OffloadConfig(), device_map="auto")
+
+
+def test_unwritable_nvme_path_is_refused_before_loading(tmp_path):
+    _, path = saved("gpt2", tmp_path)
+    with pytest.raises(ValueError, match=r"nvme_path \(/sys\) is not writable"):
+        load_offloaded(path, OffloadConfig(offload_device="nvme", nvme_path="/sys"))

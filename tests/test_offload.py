@@ -278,3 +278,27 @@ def test_bf16_model_offloaded_matches(tmp_path):
     enable_offload(model, store_config("nvme", tmp_path, 1))
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
     disable_offload(model)
+
+
+def test_bound_weights_keep_requires_grad_and_forwards_record_no_graph(tmp_path):
+    model = tiny_model("gpt2")
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+    expected = {name: p.requires_grad for name, p in model.named_parameters()}
+    seen = {}
+
+    def record(module, args):
+        for name, param in module.named_parameters(recurse=False):
+            seen[id(module), name] = param.requires_grad
+
+    module_names = {id(m): n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(lambda mod, a, o: record(mod, a)) for m in model.modules()]
+    enable_offload(model, store_config("nvme", tmp_path, 1))
+    logits = model(prompts()).logits
+    for handle in handles:
+        handle.remove()
+    disable_offload(model)
+    assert not logits.requires_grad  # inference only: slot memory is reused, nothing may be kept for backward
+    for (module_id, name), requires_grad in seen.items():
+        full = f"{module_names[module_id]}.{name}".lstrip(".")
+        if full in expected:
+            assert requires_grad == expected[full], full

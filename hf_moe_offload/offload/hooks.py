@@ -91,10 +91,10 @@ def _find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
-def _placeholder(spec: TensorSpec, device: torch.device) -> nn.Parameter:
+def _placeholder(spec: TensorSpec, device: torch.device, requires_grad: bool) -> nn.Parameter:
     fill = float("nan") if spec.dtype.is_floating_point else 0
     data = torch.full((), fill, dtype=spec.dtype, device=device).expand(spec.shape)
-    return nn.Parameter(data, requires_grad=False)
+    return nn.Parameter(data, requires_grad=requires_grad and spec.dtype.is_floating_point)
 
 
 class _UnitHook(ModelHook):
@@ -141,6 +141,9 @@ class _EmbeddingHook(ModelHook):
 
 
 class _RootHook(ModelHook):
+    # Inference only: slot memory is reused by the next unit, so nothing may keep a weight for a backward pass.
+    no_grad = True
+
     def __init__(self, state: _OffloadState, skip_keys: Any):
         self.state = state
         self.skip_keys = skip_keys
@@ -189,8 +192,12 @@ class _OffloadState:
         self.model_ref = model
         self.bound: dict[int, int] = {}  # unit -> slot index
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
+        # Bound weights keep their parameter's requires_grad: kernels choose their path on it (a frozen weight sends
+        # a strided 3-D linear through a materialised batched matmul), so the offloaded model takes the in-memory
+        # model's paths. Forwards run under no_grad (the root hook), so nothing is recorded for backward.
+        self.requires_grad = {name: p.requires_grad for name, p in self.originals.items()}
         self.placeholders = {
-            name: _placeholder(TensorSpec(name, p.dtype, tuple(p.shape)), self.device)
+            name: _placeholder(TensorSpec(name, p.dtype, tuple(p.shape)), self.device, p.requires_grad)
             for name, p in self.originals.items()
             if name in owned
         }
@@ -209,13 +216,16 @@ class _OffloadState:
             for spec, offset in self.plans[unit].tensors:
                 start, data = next((s, d) for s, d in slot.mapped if s <= offset < s + d.numel())
                 data = data[offset - start : offset - start + spec.nbytes]
-                views.append(nn.Parameter(data.view(spec.dtype).view(spec.shape), requires_grad=False))
+                views.append(nn.Parameter(data.view(spec.dtype).view(spec.shape), self.requires_grad[spec.name]))
             return views
         key = (unit, slot.index)
         views = self._views.get(key)
         if views is None:
             views = [
-                nn.Parameter(slot.buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape), False)
+                nn.Parameter(
+                    slot.buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape),
+                    self.requires_grad[spec.name],
+                )
                 for spec, offset in self.plans[unit].tensors
             ]
             self._views[key] = views
@@ -267,7 +277,7 @@ class _OffloadState:
                 ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes), buffer, start, start + row_bytes
             )
         self.pipeline.stats.bytes_fetched += buffer.numel()
-        return nn.Parameter(rows.to(self.device), requires_grad=False), inverse.to(ids.device)
+        return nn.Parameter(rows.to(self.device), self.requires_grad[spec.name]), inverse.to(ids.device)
 
     def begin_forward(self) -> None:
         # A forward that ended in an exception (KeyboardInterrupt included) left units bound: put them back.
@@ -590,7 +600,18 @@ def load_offloaded(
         dtype = getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name (e.g. 'bfloat16', 'float32', 'auto')")
-    offload_folder = tempfile.mkdtemp(prefix="hf_moe_offload_")
+    # Tensors transformers must convert (fused experts, another dtype) pass through this folder once, on the NVMe
+    # drive when there is one: /tmp may be small.
+    scratch = config.nvme_path if config.offload_device == "nvme" else None
+    if scratch is not None:
+        try:
+            os.makedirs(scratch, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"nvme_path ({scratch}) cannot be created: {err.strerror}") from err
+    try:
+        offload_folder = tempfile.mkdtemp(prefix=".hf_moe_offload_convert_", dir=scratch)
+    except OSError as err:
+        raise ValueError(f"nvme_path ({scratch}) is not writable: {err.strerror}") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,

@@ -152,6 +152,7 @@ class CpuStore:
     """Every unit's own region in one host arena (pinned when `pin` is set)."""
 
     name = "cpu"
+    direct_io = False
 
     def __init__(self, plans: list[UnitPlan], source: TensorSource, pin: bool = False, progress: bool = True):
         self.arenas: dict[str, torch.Tensor] = {}
@@ -171,7 +172,8 @@ class CpuStore:
 
     def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int) -> None:
         src = rng.src_offset + (lo - rng.dst_offset)
-        dst[lo:hi].copy_(self.arenas[rng.source][src : src + hi - lo])
+        # to a CUDA slot this runs on the runtime's copy stream: asynchronous from a pinned arena
+        dst[lo:hi].copy_(self.arenas[rng.source][src : src + hi - lo], non_blocking=dst.is_cuda)
         with self._lock:
             self.read_bytes += hi - lo
 

@@ -1,0 +1,31 @@
+"""The CUDA path of the offload runtime (pinned staging, copy stream, events). Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_offload import prompts, tiny_model
+
+from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt_moe", "llama", "mixtral"])
+@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+def test_cuda_offloaded_generate_matches_the_model_on_the_gpu(arch, kind, tmp_path):
+    model = tiny_model(arch).to("cuda")
+    ids = prompts().to("cuda")
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    model.to("cpu")
+    config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", execution_device="cuda", prefetch_depth=2)
+    enable_offload(model, config)
+    assert model.device.type == "cuda"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
+    stats = get_offload_stats(model)
+    assert stats.peak_resident_units <= 3 and stats.slot_bytes > 0
+    disable_offload(model)
+    assert next(model.parameters()).device.type == "cpu"
