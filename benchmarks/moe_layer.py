@@ -48,10 +48,17 @@ def main() -> None:
     parser.add_argument("--implementations", nargs="+", default=["sorted_mm", "grouped_mm", "eager"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sequential", action="store_true",
-                        help="time all dense steps, then all MoE steps, instead of interleaving them")
-    parser.add_argument("--eager-max-experts", type=int, default=16,
-                        help="skip 'eager' above this many experts (its per-expert weight slices make it O(E^2))")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="time all dense steps, then all MoE steps, instead of interleaving them",
+    )
+    parser.add_argument(
+        "--eager-max-experts",
+        type=int,
+        default=16,
+        help="skip 'eager' above this many experts (its per-expert weight slices make it O(E^2))",
+    )
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -61,7 +68,10 @@ def main() -> None:
     rows = []
     for num_experts in args.experts:
         config = GPTMoEConfig.from_preset(
-            "tiny-moe", hidden_size=args.hidden, intermediate_size=args.ffn, num_attention_heads=8,
+            "tiny-moe",
+            hidden_size=args.hidden,
+            intermediate_size=args.ffn,
+            num_attention_heads=8,
             num_experts=num_experts,
         )
         dense = GPTMoEMLP(config).to(dtype).train()
@@ -89,12 +99,17 @@ def main() -> None:
             _, (weights, _) = moe.router(hidden.detach())
             dropped = float((weights == 0).float().mean())
             rows.append((num_experts, implementation, dense_s, moe_s, moe_s / dense_s, dropped))
-            print(f"E={num_experts:4d} {implementation:10s} dense {dense_s * 1e3:7.1f} ms  moe {moe_s * 1e3:7.1f} ms  "
-                  f"ratio {moe_s / dense_s:5.2f}x  (medians {medians[0] * 1e3:.1f} / {medians[1] * 1e3:.1f} ms)",
-                  flush=True)
+            print(
+                f"E={num_experts:4d} {implementation:10s} dense {dense_s * 1e3:7.1f} ms  moe {moe_s * 1e3:7.1f} ms  "
+                f"ratio {moe_s / dense_s:5.2f}x  (medians {medians[0] * 1e3:.1f} / {medians[1] * 1e3:.1f} ms)",
+                flush=True,
+            )
 
-    allocator_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                             if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD"))
+    allocator_env = " ".join(
+        f"{k}={v}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+    )
     table = [
         f"environment: {allocator_env or 'default allocator settings'}",
         f"`python benchmarks/moe_layer.py --dtype {args.dtype}` — {args.tokens} tokens, hidden {args.hidden}, FFN "
@@ -105,8 +120,10 @@ def main() -> None:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for num_experts, implementation, dense_s, moe_s, ratio, dropped in rows:
-        table.append(f"| {num_experts} | {implementation} | {dense_s * 1e3:.1f} | {moe_s * 1e3:.1f} | "
-                     f"{ratio:.2f}x | {dropped:.1%} |")
+        table.append(
+            f"| {num_experts} | {implementation} | {dense_s * 1e3:.1f} | {moe_s * 1e3:.1f} | "
+            f"{ratio:.2f}x | {dropped:.1%} |"
+        )
     text = "\n".join(table)
     print()
     print(text)

@@ -2,7 +2,8 @@
 
 A Llama-shaped model (8 layers, hidden 512, 32k vocabulary, random weights, saved as safetensors) is loaded with
 `load_offloaded`, then `generate` decodes 1000 tokens at batch 1 with a static KV cache (allocated once, so any growth
-would be the runtime's). The resident set size is read from /proc/self/statm after every step.
+would be the runtime's), after the same run in memory as the reference. The resident set size is read from
+/proc/self/statm after every step; the slope is a least-squares fit over the steps after warm-up.
 
     python benchmarks/offload_soak.py [--steps 1000] [--modes nvme nvme-copy cpu]
 """
@@ -49,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--modes", nargs="+", default=["nvme", "nvme-copy", "cpu"])
+    parser.add_argument("--modes", nargs="+", default=["in-memory", "nvme", "nvme-copy", "cpu"])
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="offload_soak_")
     torch.manual_seed(0)
@@ -64,7 +65,10 @@ def main() -> None:
             nvme_path=os.path.join(work, "store"),
             map_files=mode != "nvme-copy",
         )
-        model = load_offloaded(os.path.join(work, "model"), offload)
+        if mode == "in-memory":  # the reference: what generate itself does to the resident set
+            model = LlamaForCausalLM.from_pretrained(os.path.join(work, "model"))
+        else:
+            model = load_offloaded(os.path.join(work, "model"), offload)
         recorder = RssRecorder()
         start = time.perf_counter()
         model.generate(
@@ -76,15 +80,16 @@ def main() -> None:
             logits_processor=LogitsProcessorList([recorder]),
         )
         seconds = (time.perf_counter() - start) / args.steps
-        stats = get_offload_stats(model)
         after = recorder.rss[args.warmup :]
         print(
             f"| {mode} | {len(recorder.rss)} | {after[0]:.1f} | {after[-1]:.1f} | {after[-1] - after[0]:+.1f} | "
             f"{slope_kb_per_step(after):+.2f} | {seconds:.3f} |",
             flush=True,
         )
-        assert stats.forward_passes == args.steps
-        disable_offload(model)
+        if mode != "in-memory":
+            if get_offload_stats(model).forward_passes != args.steps:
+                raise RuntimeError("the offloaded model did not run one forward per step")
+            disable_offload(model)
         del model
 
 

@@ -29,6 +29,7 @@ from .config import OffloadConfig
 from .prefetch import FetchPipeline, OffloadStats
 from .store import (
     SAFETENSORS_DTYPES,
+    TENSOR_ALIGN,
     CheckpointStore,
     CpuStore,
     NvmeStore,
@@ -188,14 +189,14 @@ class _OffloadState:
             unit_specs.append((unit_name, specs))
         self.resident_names = [name for name in self.locations if name not in owned]
         self.plans = plan_units(unit_specs)
-        self.unit_specs = unit_specs
-        self.model_ref = model
         self.bound: dict[int, int] = {}  # unit -> slot index
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
         # Bound weights keep their parameter's requires_grad: kernels choose their path on it (a frozen weight sends
         # a strided 3-D linear through a materialised batched matmul), so the offloaded model takes the in-memory
         # model's paths. Forwards run under no_grad (the root hook), so nothing is recorded for backward.
         self.requires_grad = {name: p.requires_grad for name, p in self.originals.items()}
+        # where disable_offload puts each weight back (a meta weight, from load_offloaded, goes to the CPU)
+        self.restore_to = {name: p.device for name, p in self.originals.items() if p.device.type != "meta"}
         self.placeholders = {
             name: _placeholder(TensorSpec(name, p.dtype, tuple(p.shape)), self.device, p.requires_grad)
             for name, p in self.originals.items()
@@ -205,7 +206,6 @@ class _OffloadState:
         self.guarded: list[str] = []
         self.store = None
         self.pipeline: FetchPipeline | None = None
-        self.tmp_dirs: list[str] = []
         self.resident_bytes = 0
 
     # -- binding ------------------------------------------------------------------------------------------------
@@ -447,7 +447,6 @@ def enable_offload(model: nn.Module, config: OffloadConfig | None = None) -> nn.
     for name in state.placeholders:
         param = state.originals[name]
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-    state.restore_to = {name: state.originals[name].device for name in state.placeholders}
     return model
 
 
@@ -485,8 +484,6 @@ def disable_offload(model: nn.Module) -> nn.Module:
     for module, name, buffer in state.buffers:
         module._buffers[name] = buffer
     state.store.close()
-    for path in state.tmp_dirs:
-        shutil.rmtree(path, ignore_errors=True)
     delattr(model, _STATE_ATTR)
     return model
 
@@ -533,9 +530,10 @@ def _offloaded_weights(model: nn.Module):
     raise RuntimeError("transformers did not offload the weights to disk (no accelerate weights map found)")
 
 
-def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, dtype: torch.dtype) -> list[UnitPlan] | None:
+def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, aligned_only: bool) -> list[UnitPlan] | None:
     """Plans whose ranges read each tensor straight from the checkpoint shards, or None when some tensor must be
-    converted (another dtype, fused or renamed by transformers' loading)."""
+    converted (another dtype, fused or renamed by transformers' loading) or, with `aligned_only`, when some tensor
+    does not start on a 64-byte boundary of its file."""
     index = getattr(loader, "index", {})
     headers: dict[str, tuple[int, dict]] = {}
     located: dict[str, tuple[str, int]] = {}
@@ -558,6 +556,8 @@ def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, dtype: 
         ):
             return None
         located[name] = (path, data_start + info["data_offsets"][0])
+        if aligned_only and located[name][1] % TENSOR_ALIGN:
+            return None
     plans = []
     for plan in state.plans:
         new = UnitPlan(index=plan.index, name=plan.name, tensors=list(plan.tensors), own=[], own_nbytes=0)
@@ -584,7 +584,7 @@ def load_offloaded(
 
     The model is built on the meta device by `AutoModelForCausalLM.from_pretrained` (all weights "on disk"), then
     the store is filled tensor by tensor from the checkpoint's safetensors shards. With an NVMe store and a
-    checkpoint already in `dtype`, the shards are read in place (no copy) unless `config.reuse_checkpoint=False`.
+    checkpoint already in `dtype`, the shards can be read in place (no copy; see `OffloadConfig.reuse_checkpoint`).
     `from_pretrained_kwargs` go to `from_pretrained` (`trust_remote_code`, `revision`, ...).
     """
     from transformers import AutoModelForCausalLM
@@ -627,7 +627,6 @@ def load_offloaded(
             if hasattr(model, attr):
                 delattr(model, attr)
         state = _OffloadState(model, config)
-        state.restore_to = {}
 
         def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
             for spec, _ in plan.own:
@@ -637,8 +636,10 @@ def load_offloaded(
         fingerprint = None
         if config.offload_device == "nvme":
             model_dtype = next(iter(state.originals.values())).dtype
-            if config.reuse_checkpoint:
-                checkpoint_plans = _checkpoint_plans(state, loader, offload_folder, model_dtype)
+            if config.reuse_checkpoint is not False:
+                mapped = state.device.type == "cpu" and config.map_files and not config.direct_io
+                aligned_only = config.reuse_checkpoint is None and mapped
+                checkpoint_plans = _checkpoint_plans(state, loader, offload_folder, aligned_only)
             if checkpoint_plans is None:
                 files = sorted(
                     {

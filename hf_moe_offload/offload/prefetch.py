@@ -153,7 +153,8 @@ class FetchPipeline:
 
     def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
         if self.map_files:
-            slot.mapped = [(rng.dst_offset, self.store.map_range(rng)) for rng in plan.ranges]
+            views = self.store.map_ranges(plan.ranges)
+            slot.mapped = [(rng.dst_offset, view) for rng, view in zip(plan.ranges, views, strict=True)]
             return
         if self.device.type == "cpu":
             self._read_ranges(plan, slot.buffer)

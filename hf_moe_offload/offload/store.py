@@ -38,6 +38,7 @@ ALIGN = 4096
 TENSOR_ALIGN = 64
 STORE_FORMAT = 1
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_MAP_MERGE_GAP = 1 << 20  # map across gaps up to this size between ranges rather than map twice
 MANIFEST = "manifest.json"
 
 SAFETENSORS_DTYPES = {
@@ -280,6 +281,34 @@ class _FileStore:
             done += got
         with self._lock:
             self.read_bytes += want
+
+    def map_ranges(self, ranges: list[ReadRange]) -> list[torch.Tensor]:
+        """`map_range` for several ranges, one mapping per run of ranges that are adjacent in one file (a
+        checkpoint's tensors of one block usually are): every mapping and unmapping costs a TLB shootdown."""
+        views: list[torch.Tensor | None] = [None] * len(ranges)
+        order = sorted(range(len(ranges)), key=lambda i: (ranges[i].source, ranges[i].src_offset))
+        run: list[int] = []
+
+        def flush() -> None:
+            first, last = ranges[run[0]], max((ranges[i] for i in run), key=lambda r: r.src_offset + r.nbytes)
+            span = self.map_range(
+                ReadRange(first.source, first.src_offset, 0, last.src_offset + last.nbytes - first.src_offset)
+            )
+            for i in run:
+                start = ranges[i].src_offset - first.src_offset
+                views[i] = span[start : start + ranges[i].nbytes]
+
+        for i in order:
+            if run:
+                prev_end = max(ranges[j].src_offset + ranges[j].nbytes for j in run)
+                same = ranges[i].source == ranges[run[0]].source
+                if not same or ranges[i].src_offset > prev_end + _MAP_MERGE_GAP:
+                    flush()
+                    run = []
+            run.append(i)
+        if run:
+            flush()
+        return views
 
     def map_range(self, rng: ReadRange) -> torch.Tensor:
         """The bytes of `rng` as a uint8 CPU tensor over a private memory map of the file, its pages mapped now.
