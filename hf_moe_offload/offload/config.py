@@ -31,9 +31,7 @@ class OffloadConfig:
         direct_io: open the NVMe store with `O_DIRECT` (bypass the page cache, as DeepSpeed's AIO does). Falls back to
             buffered reads, with a warning, on a file system that refuses it.
         reuse_checkpoint: in `load_offloaded` with an NVMe store, read tensors straight from the checkpoint's
-            safetensors shards when they already hold the wanted dtype (no second copy on disk). `None` (default):
-            do, except when the CPU execution device maps the pages and the shards' tensors are not 64-byte aligned
-            (most are not): matmuls on unaligned rows decode ~12% slower there, so the store is written once.
+            safetensors shards when they already hold the wanted dtype (no second copy on disk).
         map_files: on the CPU execution device, map the NVMe store's pages (zero-copy from the page cache) instead
             of copying them into slot buffers: several times less CPU time per byte. Not with `direct_io`.
         verify_checksums: check every store file against its manifest checksum when an existing store is reused.
@@ -48,7 +46,7 @@ class OffloadConfig:
     pin_memory: bool = True
     io_threads: int = 2
     direct_io: bool = False
-    reuse_checkpoint: bool | None = None
+    reuse_checkpoint: bool = True
     map_files: bool = True
     verify_checksums: bool = True
     distributed: bool | None = None
