@@ -5,9 +5,9 @@ Systems (each in its own process, so peak RSS is its own):
   accelerate-disk      `accelerate.disk_offload` (weights in .dat files, hooks per leaf module)
   accelerate-cpu       `accelerate.cpu_offload` (weights in a CPU state dict, hooks per leaf module)
   ours-cpu-dN          `load_offloaded` with the CPU store, prefetch_depth N
-  ours-nvme-dN         `load_offloaded` with the NVMe store, prefetch_depth N, defaults otherwise: on the CPU device the
-                       checkpoint is written once into aligned unit files whose pages are mapped (zero-copy)
-  ours-nvme-inplace-dN the checkpoint's shards read in place (`reuse_checkpoint=True`), their pages mapped
+  ours-nvme-dN         `load_offloaded` with the NVMe store, prefetch_depth N: the checkpoint's shards read in place,
+                       their pages mapped from the page cache (zero-copy; the defaults on the CPU device)
+  ours-nvme-store-dN   the store written once as its own aligned unit files (`reuse_checkpoint=False`), pages mapped
   ours-nvme-copy-dN    the checkpoint's shards read in place and copied into slot buffers by the reader threads
                        (`map_files=False`: the CUDA path's reads)
   ours-nvme-direct-dN  the NVMe store written as unit files and read with O_DIRECT into slot buffers
@@ -44,7 +44,7 @@ SYSTEMS = [
     "ours-nvme-d0",
     "ours-nvme-d1",
     "ours-nvme-d2",
-    "ours-nvme-inplace-d1",
+    "ours-nvme-store-d1",
     "ours-nvme-copy-d2",
     "ours-nvme-direct-d2",
 ]
@@ -100,16 +100,15 @@ def child(args) -> None:
         else:
             cpu_offload(model, "cpu")
     else:
-        match = re.fullmatch(r"ours-(cpu|nvme)(-copy|-direct|-inplace)?-d(\d)", system)
+        match = re.fullmatch(r"ours-(cpu|nvme)(-copy|-direct|-store)?-d(\d)", system)
         kind, variant, depth = match.group(1), match.group(2), int(match.group(3))
         config = OffloadConfig(
             offload_device=kind,
             nvme_path=os.path.join(args.work_dir, f"store-{args.model}-{args.dtype}"),
             prefetch_depth=depth,
             direct_io=variant == "-direct",
-            map_files=variant in (None, "-inplace"),
-            # "-inplace" forces reading the shards in place; by default the CPU device writes an aligned store
-            reuse_checkpoint={None: None, "-inplace": True, "-copy": None, "-direct": False}[variant],
+            map_files=variant in (None, "-store"),
+            reuse_checkpoint=variant not in ("-store", "-direct"),
         )
         model = load_offloaded(model_path, config, dtype=dtype)
     model.eval()

@@ -31,10 +31,8 @@ class OffloadConfig:
         direct_io: open the NVMe store with `O_DIRECT` (bypass the page cache, as DeepSpeed's AIO does). Falls back to
             buffered reads, with a warning, on a file system that refuses it.
         reuse_checkpoint: in `load_offloaded` with an NVMe store, read tensors straight from the checkpoint's
-            safetensors shards when they already hold the wanted dtype (no second copy on disk). `None` (default):
-            do, except where the CPU execution device maps the pages and the shards' tensors are not 64-byte aligned
-            (safetensors aligns to 8): there the store is written once as aligned unit files, measured 1.1-1.6x
-            faster to decode (`benchmarks/README.md`).
+            safetensors shards when they already hold the wanted dtype (no second copy on disk). `False` writes the
+            store's own aligned unit files once instead (measured alike on the CPU device: `benchmarks/README.md`).
         map_files: on the CPU execution device, map the NVMe store's pages (zero-copy from the page cache) instead
             of copying them into slot buffers: several times less CPU time per byte. Not with `direct_io`.
         verify_checksums: check every store file against its manifest checksum when an existing store is reused.
@@ -49,7 +47,7 @@ class OffloadConfig:
     pin_memory: bool = True
     io_threads: int = 2
     direct_io: bool = False
-    reuse_checkpoint: bool | None = None
+    reuse_checkpoint: bool = True
     map_files: bool = True
     verify_checksums: bool = True
     distributed: bool | None = None

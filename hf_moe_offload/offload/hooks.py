@@ -29,7 +29,6 @@ from .config import OffloadConfig
 from .prefetch import FetchPipeline, OffloadStats
 from .store import (
     SAFETENSORS_DTYPES,
-    TENSOR_ALIGN,
     CheckpointStore,
     CpuStore,
     NvmeStore,
@@ -530,10 +529,9 @@ def _offloaded_weights(model: nn.Module):
     raise RuntimeError("transformers did not offload the weights to disk (no accelerate weights map found)")
 
 
-def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, aligned_only: bool) -> list[UnitPlan] | None:
+def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str) -> list[UnitPlan] | None:
     """Plans whose ranges read each tensor straight from the checkpoint shards, or None when some tensor must be
-    converted (another dtype, fused or renamed by transformers' loading) or, with `aligned_only`, when some tensor
-    does not start on a 64-byte boundary of its file."""
+    converted (another dtype, fused or renamed by transformers' loading)."""
     index = getattr(loader, "index", {})
     headers: dict[str, tuple[int, dict]] = {}
     located: dict[str, tuple[str, int]] = {}
@@ -556,8 +554,6 @@ def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str, aligned
         ):
             return None
         located[name] = (path, data_start + info["data_offsets"][0])
-        if aligned_only and located[name][1] % TENSOR_ALIGN:
-            return None
     plans = []
     for plan in state.plans:
         new = UnitPlan(index=plan.index, name=plan.name, tensors=list(plan.tensors), own=[], own_nbytes=0)
@@ -584,7 +580,7 @@ def load_offloaded(
 
     The model is built on the meta device by `AutoModelForCausalLM.from_pretrained` (all weights "on disk"), then
     the store is filled tensor by tensor from the checkpoint's safetensors shards. With an NVMe store and a
-    checkpoint already in `dtype`, the shards can be read in place (no copy; see `OffloadConfig.reuse_checkpoint`).
+    checkpoint already in `dtype`, the shards are read in place (no copy) unless `config.reuse_checkpoint=False`.
     `from_pretrained_kwargs` go to `from_pretrained` (`trust_remote_code`, `revision`, ...).
     """
     from transformers import AutoModelForCausalLM
@@ -636,10 +632,8 @@ def load_offloaded(
         fingerprint = None
         if config.offload_device == "nvme":
             model_dtype = next(iter(state.originals.values())).dtype
-            if config.reuse_checkpoint is not False:
-                mapped = state.device.type == "cpu" and config.map_files and not config.direct_io
-                aligned_only = config.reuse_checkpoint is None and mapped
-                checkpoint_plans = _checkpoint_plans(state, loader, offload_folder, aligned_only)
+            if config.reuse_checkpoint:
+                checkpoint_plans = _checkpoint_plans(state, loader, offload_folder)
             if checkpoint_plans is None:
                 files = sorted(
                     {
