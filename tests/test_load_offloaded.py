@@ -11,6 +11,14 @@ from hf_moe_offload import OffloadConfig, disable_offload, get_offload_stats, lo
 from hf_moe_offload.offload.store import CheckpointStore, CpuStore, NvmeStore
 
 
+def assert_generates_like(offloaded, model):
+    ids = prompts()
+    assert torch.equal(
+        offloaded.generate(ids, max_new_tokens=6, do_sample=False),
+        model.generate(ids, max_new_tokens=6, do_sample=False),
+    )
+
+
 def saved(arch, tmp_path, **save_kwargs):
     model = tiny_model(arch)
     path = tmp_path / arch
@@ -63,11 +71,7 @@ def test_reuse_checkpoint_off_copies_into_the_store(tmp_path):
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", reuse_checkpoint=False)
     offloaded = load_offloaded(path, config)
     assert isinstance(offloaded._hf_moe_offload_state.store, NvmeStore)
-    ids = prompts()
-    assert torch.equal(
-        offloaded.generate(ids, max_new_tokens=6, do_sample=False),
-        model.generate(ids, max_new_tokens=6, do_sample=False),
-    )
+    assert_generates_like(offloaded, model)
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -76,11 +80,7 @@ def test_sharded_checkpoint(tmp_path):
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", reuse_checkpoint=True)
     offloaded = load_offloaded(path, config)
     assert isinstance(offloaded._hf_moe_offload_state.store, CheckpointStore)
-    ids = prompts()
-    assert torch.equal(
-        offloaded.generate(ids, max_new_tokens=6, do_sample=False),
-        model.generate(ids, max_new_tokens=6, do_sample=False),
-    )
+    assert_generates_like(offloaded, model)
 
 
 def test_disable_offload_after_load_offloaded_gives_the_checkpoint_in_memory(tmp_path):

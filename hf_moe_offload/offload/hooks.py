@@ -15,7 +15,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +35,7 @@ from .store import (
     TensorSpec,
     UnitPlan,
     align_up,
+    crc32_tensor,
     plan_units,
     read_safetensors_header,
     tensor_bytes,
@@ -318,7 +318,7 @@ def _content_fingerprint(state: _OffloadState) -> dict:
     for plan in state.plans:
         crc = 0
         for spec, _ in plan.own:
-            crc = zlib.crc32(memoryview(tensor_bytes(state.originals[spec.name].detach().cpu()).numpy()), crc)
+            crc = crc32_tensor(tensor_bytes(state.originals[spec.name].detach().cpu()), crc)
         crcs.append(crc)
     return {"source": "weights", "crc32": crcs}
 
@@ -619,9 +619,8 @@ def load_offloaded(
         )
         loader = _offloaded_weights(model)
         remove_hook_from_module(model, recurse=True)
-        for attr in ("hf_device_map",):
-            if hasattr(model, attr):
-                delattr(model, attr)
+        if hasattr(model, "hf_device_map"):
+            delattr(model, "hf_device_map")
         state = _OffloadState(model, config)
 
         def source(plan: UnitPlan) -> Iterator[torch.Tensor]:

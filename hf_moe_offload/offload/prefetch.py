@@ -279,9 +279,6 @@ class FetchPipeline:
             if unit not in self.resident:
                 self._submit(unit, self.free.popleft())
 
-    def read_bytes(self) -> int:
-        return self.store.read_bytes
-
     def close(self) -> None:
         self.drain()
         self._coordinator.shutdown(wait=True)

@@ -125,8 +125,9 @@ def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
         if offset:
             plan.ranges.append(ReadRange(plan.key, 0, 0, offset))
         offset = align_up(offset)
+        own_names = {spec.name for spec in own}
         for spec in specs:
-            if spec.name in {s.name for s, _ in plan.own}:
+            if spec.name in own_names:
                 continue
             src_plan, src_offset = owner[spec.name]
             plan.tensors.append((spec, offset))
@@ -141,7 +142,7 @@ def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
 TensorSource = Callable[[UnitPlan], Iterable[torch.Tensor]]
 
 
-def _crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
+def crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
     view = memoryview(data.numpy())
     step = 64 << 20
     for start in range(0, len(view), step):
@@ -505,7 +506,7 @@ class NvmeStore(_FileStore):
                                 )
                             data = tensor_bytes(tensor.cpu())
                             f.write(memoryview(data.numpy()))
-                            crc = _crc32_tensor(data, crc)
+                            crc = crc32_tensor(data, crc)
                             bar.update(data.numel())
                         f.flush()
                         os.fsync(f.fileno())
