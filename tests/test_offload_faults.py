@@ -209,12 +209,21 @@ def test_store_files_are_safetensors_with_aligned_data(tmp_path):
     from safetensors import safe_open
 
     model = tiny_model("gpt_moe")
-    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    expected = {}
+    for name, p in model.named_parameters():
+        module, _, attr = name.rpartition(".")
+        if module.endswith(".experts"):  # stored expert-major: one entry per expert slice
+            expected.update({f"{module}.{e}.{attr}": p[e].detach().clone() for e in range(p.shape[0])})
+        else:
+            expected[name] = p.detach().clone()
     enable_offload(model, nvme(tmp_path))
     seen = set()
     for path in unit_files(tmp_path):
-        data_start, _ = store_module.read_safetensors_header(str(path))
+        data_start, header = store_module.read_safetensors_header(str(path))
         assert data_start % 4096 == 0
+        for key, info in header.items():
+            if ".experts." in key and key.endswith(".up_proj"):  # the first slice of an expert: its region's start
+                assert info["data_offsets"][0] % 4096 == 0
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 if not key.startswith("__padding"):

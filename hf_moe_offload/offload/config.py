@@ -11,6 +11,7 @@ import torch
 
 
 _OFFLOAD_DEVICES = ("cpu", "nvme")
+_EXPERT_FETCH = ("routed", "all")
 
 
 @dataclass
@@ -38,6 +39,21 @@ class OffloadConfig:
         verify_checksums: check every store file against its manifest checksum when an existing store is reused.
         distributed: split each unit's read over the processes of the default `torch.distributed` group and
             all-gather it (ZeRO-Inference's multi-GPU fetch). `None`: on when a group with several processes exists.
+        expert_fetch: how the experts of MoE layers (the transformers v5 fused layout: Mixtral, Qwen2-MoE, OLMoE,
+            GPT-MoE, ...) are fetched. `"routed"`: the dense part of a block (attention, norms, router, shared
+            experts) streams with the block, the experts only once the router has picked them, and only those. A
+            forward expected to touch more than `expert_break_even` of a layer's experts (prefill, large batches)
+            streams whole layers instead. `"all"`: every expert of every layer, always (ZeRO-Inference's behaviour).
+            No effect on dense models.
+        expert_cache_size: experts of each MoE layer kept on the execution device between steps (an LRU with a
+            frequency prior); 0 keeps none. Capped at the layer's number of experts, which keeps every expert once
+            fetched.
+        speculative_prefetch: while a MoE layer computes, apply the next MoE layer's router to its hidden states and
+            start fetching the experts it would pick into that layer's cache (needs `expert_cache_size > 0`). A wrong
+            guess costs bandwidth only; precision and recall are in `get_offload_stats`.
+        expert_break_even: the expected fraction of a layer's experts a forward touches (from its token count, top-k
+            and number of experts) above which `"routed"` streams whole layers: there, one read per layer is as fast
+            as many expert reads and overlaps with compute (measured: `benchmarks/README.md`).
     """
 
     offload_device: str = "cpu"
@@ -51,6 +67,10 @@ class OffloadConfig:
     map_files: bool = True
     verify_checksums: bool = True
     distributed: bool | None = None
+    expert_fetch: str = "routed"
+    expert_cache_size: int = 8
+    speculative_prefetch: bool = True
+    expert_break_even: float = 0.5
     chunk_bytes: int = field(default=16 << 20, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +84,13 @@ class OffloadConfig:
             raise ValueError(f"prefetch_depth ({self.prefetch_depth!r}) must be an integer >= 0")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"io_threads ({self.io_threads!r}) must be an integer >= 1")
+        if self.expert_fetch not in _EXPERT_FETCH:
+            raise ValueError(f"expert_fetch ({self.expert_fetch!r}) must be one of {_EXPERT_FETCH}")
+        size = self.expert_cache_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"expert_cache_size ({size!r}) must be an integer >= 0 (experts kept per MoE layer)")
+        if not isinstance(self.expert_break_even, (int, float)) or not 0.0 < self.expert_break_even <= 1.0:
+            raise ValueError(f"expert_break_even ({self.expert_break_even!r}) must be a fraction in (0, 1]")
         if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
             raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a positive multiple of 4096")
         self.execution_device = _resolve_device(self.execution_device)

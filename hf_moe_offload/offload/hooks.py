@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,17 +26,21 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import OffloadConfig
+from .experts import attach_experts, detach_experts, find_experts_modules
 from .prefetch import FetchPipeline, OffloadStats
 from .store import (
     SAFETENSORS_DTYPES,
     CheckpointStore,
     CpuStore,
+    ExpertGroup,
     NvmeStore,
     ReadRange,
     TensorSpec,
     UnitPlan,
     align_up,
+    assemble,
     crc32_tensor,
+    own_tensors,
     plan_units,
     read_safetensors_header,
     tensor_bytes,
@@ -132,7 +137,7 @@ class _EmbeddingHook(ModelHook):
 
     def pre_forward(self, module, input, *args, **kwargs):
         rows, inverse = self.state.gather_rows(self.unit, input)
-        self.state.bind(self.unit, [rows])
+        self.state.bind(self.unit, [(self.state.plans[self.unit].tensors[0][0].name, rows)])
         return (inverse, *args), kwargs
 
     def post_forward(self, module, output):
@@ -149,7 +154,11 @@ class _RootHook(ModelHook):
         self.skip_keys = skip_keys
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state.begin_forward()
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(tokens, torch.Tensor):
+            embeds = kwargs.get("inputs_embeds")
+            tokens = embeds[..., 0] if isinstance(embeds, torch.Tensor) else None
+        self.state.begin_forward(tokens.numel() if tokens is not None else None)
         device = self.state.device
         return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=self.skip_keys)
 
@@ -176,19 +185,35 @@ class _OffloadState:
             self.locations.setdefault(name, []).append((model.get_submodule(module_name), attr))
             paths.setdefault(name, []).append(module_name)
             self.originals[name] = param
+        # MoE layers (v5 fused experts) inside the blocks: their experts are stored expert-major
+        self.experts_modules: dict[str, nn.Module] = {}
+        groups: dict[int, list[ExpertGroup]] = {}
+        fused: set[str] = set()
+        for index, (unit_name, unit_module) in enumerate(self.unit_modules):
+            for experts_name, module, attrs in find_experts_modules(unit_module, unit_name):
+                names = [f"{experts_name}.{attr}" for attr in attrs]
+                if not names or any(name not in self.locations or len(self.locations[name]) > 1 for name in names):
+                    continue  # tied or shared expert weights: streamed with the block
+                params = tuple(TensorSpec(n, self.originals[n].dtype, tuple(self.originals[n].shape)) for n in names)
+                groups.setdefault(index, []).append(ExpertGroup(experts_name, params))
+                self.experts_modules[experts_name] = module
+                fused.update(names)
         unit_specs: list[tuple[str, list[TensorSpec]]] = []
         owned: set[str] = set()
         for unit_name, _ in self.unit_modules:
             specs = []
             for name in self.locations:
                 if any(_is_under(path, unit_name) for path in paths[name]):
-                    param = self.originals[name]
-                    specs.append(TensorSpec(name, param.dtype, tuple(param.shape)))
                     owned.add(name)
+                    if name not in fused:
+                        param = self.originals[name]
+                        specs.append(TensorSpec(name, param.dtype, tuple(param.shape)))
             unit_specs.append((unit_name, specs))
         self.resident_names = [name for name in self.locations if name not in owned]
-        self.plans = plan_units(unit_specs)
-        self.bound: dict[int, int] = {}  # unit -> slot index
+        self.plans = plan_units(unit_specs, groups)
+        self.expert_layers: list = []
+        self.expert_staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned buffers (CUDA)
+        self.bound: dict[int, tuple[int, list[str]]] = {}  # unit -> (slot index, names bound)
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
         # Bound weights keep their parameter's requires_grad: kernels choose their path on it (a frozen weight sends
         # a strided 3-D linear through a materialised batched matmul), so the offloaded model takes the in-memory
@@ -209,41 +234,51 @@ class _OffloadState:
 
     # -- binding ------------------------------------------------------------------------------------------------
 
-    def _unit_views(self, unit: int, slot) -> list[nn.Parameter]:
+    def _unit_views(self, unit: int, slot) -> list[tuple[str, nn.Parameter]]:
+        plan = slot.plan
         if slot.mapped is not None:  # a fresh mapping each fetch: views are made each time and unmap with it
-            views = []
-            for spec, offset in self.plans[unit].tensors:
+
+            def region(offset: int, nbytes: int) -> torch.Tensor:
                 start, data = next((s, d) for s, d in slot.mapped if s <= offset < s + d.numel())
-                data = data[offset - start : offset - start + spec.nbytes]
-                views.append(nn.Parameter(data.view(spec.dtype).view(spec.shape), self.requires_grad[spec.name]))
-            return views
-        key = (unit, slot.index)
+                return data[offset - start : offset - start + nbytes]
+
+            return self._views_of(plan, region)
+        key = (unit, slot.index, id(plan))
         views = self._views.get(key)
         if views is None:
-            views = [
-                nn.Parameter(
-                    slot.buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape),
-                    self.requires_grad[spec.name],
-                )
-                for spec, offset in self.plans[unit].tensors
-            ]
+            views = self._views_of(plan, lambda offset, nbytes: slot.buffer[offset : offset + nbytes])
             self._views[key] = views
         return views
 
-    def bind(self, unit: int, values: list[nn.Parameter], slot: int = -1) -> None:
+    def _views_of(self, plan: UnitPlan, region) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every tensor `plan` brings, `region(offset, nbytes)` giving its bytes."""
+        views = [
+            (spec.name, nn.Parameter(region(offset, spec.nbytes).view(spec.dtype).view(spec.shape)))
+            for spec, offset in plan.tensors
+        ]
+        for layout in plan.experts:  # a whole MoE layer: its fused weights strided over the experts
+            data = region(layout.offset, layout.num_experts * layout.stride)
+            for spec, view in zip(layout.group.params, layout.views(data, layout.num_experts), strict=True):
+                views.append((spec.name, nn.Parameter(view)))
+        for name, param in views:
+            param.requires_grad_(self.requires_grad[name] and param.is_floating_point())
+        return views
+
+    def bind(self, unit: int, values: list[tuple[str, nn.Parameter]], slot: int = -1) -> None:
         if unit in self.bound:
             raise RuntimeError(f"unit {self.plans[unit].name} was entered again while it runs (recursive forward)")
-        for (spec, _), value in zip(self.plans[unit].tensors, values, strict=True):
-            for module, attr in self.locations[spec.name]:
+        for name, value in values:
+            for module, attr in self.locations[name]:
                 module._parameters[attr] = value
-        self.bound[unit] = slot
+        self.bound[unit] = (slot, [name for name, _ in values])
 
     def unbind(self, unit: int) -> bool:
-        if self.bound.pop(unit, None) is None:
+        entry = self.bound.pop(unit, None)
+        if entry is None:
             return False
-        for spec, _ in self.plans[unit].tensors:
-            placeholder = self.placeholders[spec.name]
-            for module, attr in self.locations[spec.name]:
+        for name in entry[1]:
+            placeholder = self.placeholders[name]
+            for module, attr in self.locations[name]:
                 module._parameters[attr] = placeholder
         return True
 
@@ -254,9 +289,17 @@ class _OffloadState:
         self.bind(unit, self._unit_views(unit, slot), slot.index)
 
     def release(self, unit: int) -> None:
-        slot = self.bound.get(unit, -1)
+        slot = self.bound.get(unit, (-1, None))[0]
         if self.unbind(unit) and slot != -1:
             self.pipeline.release(unit)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One tensor of a unit's own region, read from the store into a CPU tensor."""
+        spec, offset, plan = next((s, o, p) for p in self.plans for s, o in p.own if s.name == name)
+        data = torch.empty(spec.nbytes, dtype=torch.uint8)
+        self.store.read(ReadRange(plan.key, offset, 0, spec.nbytes), data, 0, spec.nbytes)
+        self.store.read_bytes -= spec.nbytes  # set-up, not traffic
+        return data.view(spec.dtype).view(spec.shape)
 
     def gather_rows(self, unit: int, ids: torch.Tensor) -> tuple[nn.Parameter, torch.Tensor]:
         """The rows of the embedding table of `unit` that `ids` use, and `ids` renumbered into them."""
@@ -278,11 +321,27 @@ class _OffloadState:
         self.pipeline.stats.bytes_fetched += buffer.numel()
         return nn.Parameter(rows.to(self.device), self.requires_grad[spec.name]), inverse.to(ids.device)
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, num_tokens: int | None = None) -> None:
         # A forward that ended in an exception (KeyboardInterrupt included) left units bound: put them back.
         for unit in list(self.bound):
             self.release(unit)
         self.pipeline.stats.forward_passes += 1
+        if self.expert_layers:
+            routed = num_tokens is not None and self.expected_experts_fraction(num_tokens) <= (
+                self.config.expert_break_even
+            )
+            self.pipeline.set_routed(routed)
+            if not routed:
+                self.pipeline.stats.whole_layer_forwards += 1
+
+    def expected_experts_fraction(self, num_tokens: int) -> float:
+        """The fraction of a MoE layer's experts that `num_tokens` tokens routed uniformly at random touch,
+        `1 - (1 - k / E) ** tokens`, averaged over the layers."""
+        fractions = [
+            1.0 - (1.0 - min(layer.top_k, layer.num_experts) / layer.num_experts) ** num_tokens
+            for layer in self.expert_layers
+        ]
+        return sum(fractions) / len(fractions)
 
     def stats(self) -> OffloadStats:
         stats = dataclasses.replace(self.pipeline.stats)
@@ -317,8 +376,8 @@ def _content_fingerprint(state: _OffloadState) -> dict:
     crcs = []
     for plan in state.plans:
         crc = 0
-        for spec, _ in plan.own:
-            crc = crc32_tensor(tensor_bytes(state.originals[spec.name].detach().cpu()), crc)
+        for tensor in own_tensors(plan, lambda name: state.originals[name].detach().cpu()):
+            crc = crc32_tensor(tensor_bytes(tensor), crc)
         crcs.append(crc)
     return {"source": "weights", "crc32": crcs}
 
@@ -406,6 +465,8 @@ def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpo
             state.buffers.append((module, name, buffer))
             module._buffers[name] = buffer.to(state.device)
             state.resident_bytes += buffer.numel() * buffer.element_size()
+    if config.expert_fetch == "routed":
+        state.expert_layers = attach_experts(state)
     for index, (_, module) in enumerate(state.unit_modules):
         gather = type(module) is nn.Embedding and module.max_norm is None and len(state.plans[index].tensors) == 1
         add_hook_to_module(module, (_EmbeddingHook if gather else _UnitHook)(state, index))
@@ -437,8 +498,7 @@ def enable_offload(model: nn.Module, config: OffloadConfig | None = None) -> nn.
         raise ValueError(f"{meta[0]} is on the meta device: enable_offload needs the weights; use load_offloaded")
 
     def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
-        for spec, _ in plan.own:
-            yield state.originals[spec.name].detach().cpu()
+        return own_tensors(plan, lambda name: state.originals[name].detach().cpu())
 
     fingerprint = _content_fingerprint(state) if config.offload_device == "nvme" else None
     _attach(model, state, source, fingerprint)
@@ -460,6 +520,7 @@ def disable_offload(model: nn.Module) -> nn.Module:
         raise RuntimeError("the model is not offloaded (enable_offload or load_offloaded was not called on it)")
     for unit in list(state.bound):
         state.release(unit)
+    detach_experts(state, state.expert_layers)
     state.pipeline.close()
     for _, module in state.unit_modules:
         remove_hook_from_module(module)
@@ -467,15 +528,15 @@ def disable_offload(model: nn.Module) -> nn.Module:
     for method in state.guarded:
         model.__dict__.pop(method, None)
     for plan in state.plans:
-        for spec, tensor in state.store.tensors(plan):
-            original = state.originals[spec.name]
-            device = state.restore_to.get(spec.name, torch.device("cpu"))
+        for name, tensor in assemble(plan, state.store.tensors(plan)):
+            original = state.originals[name]
+            device = state.restore_to.get(name, torch.device("cpu"))
             value = tensor.to(device, copy=True)
             if original.device.type == "meta":
                 original = nn.Parameter(value, requires_grad=original.requires_grad)
             else:
                 original.data = value
-            for module, attr in state.locations[spec.name]:
+            for module, attr in state.locations[name]:
                 module._parameters[attr] = original
     for name in state.resident_names:
         for module, attr in state.locations[name]:
@@ -495,7 +556,10 @@ def get_offload_stats(model: nn.Module, reset: bool = False) -> OffloadStats:
         raise RuntimeError("the model is not offloaded (enable_offload or load_offloaded was not called on it)")
     stats = state.stats()
     if reset:
-        keep = {"slot_bytes": state.pipeline.stats.slot_bytes}
+        keep = {
+            "slot_bytes": state.pipeline.stats.slot_bytes,
+            "expert_cache_bytes": state.pipeline.stats.expert_cache_bytes,
+        }
         state.pipeline.stats = OffloadStats(**keep)
         state.store.read_bytes = 0
     return stats
@@ -531,7 +595,10 @@ def _offloaded_weights(model: nn.Module):
 
 def _checkpoint_plans(state: _OffloadState, loader, offload_folder: str) -> list[UnitPlan] | None:
     """Plans whose ranges read each tensor straight from the checkpoint shards, or None when some tensor must be
-    converted (another dtype, fused or renamed by transformers' loading)."""
+    converted (another dtype, fused or renamed by transformers' loading) or the model has MoE layers (their experts
+    are stored expert-major, one region per expert)."""
+    if any(plan.experts for plan in state.plans):
+        return None
     index = getattr(loader, "index", {})
     headers: dict[str, tuple[int, dict]] = {}
     located: dict[str, tuple[str, int]] = {}
@@ -624,8 +691,7 @@ def load_offloaded(
         state = _OffloadState(model, config)
 
         def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
-            for spec, _ in plan.own:
-                yield loader[spec.name]
+            return own_tensors(plan, loader.__getitem__)
 
         checkpoint_plans = None
         fingerprint = None

@@ -41,6 +41,15 @@ class OffloadStats:
         peak_resident_units: most units held in device slots at once (at most `prefetch_depth + 1`).
         slot_bytes: device memory of the slot ring.
         resident_bytes: device memory of what always stays there (buffers, parameters of the top-level modules).
+        expert_cache_hits: routed experts of MoE layers that were on the device already (cached, or fetched by a
+            speculative prefetch) when their layer needed them.
+        expert_cache_misses: routed experts fetched when their layer needed them.
+        expert_bytes_fetched: bytes of experts fetched one by one (also counted in `bytes_fetched`).
+        speculative_fetches: experts fetched ahead on a guess of the next MoE layer's router.
+        speculated: experts guessed for a MoE layer; `speculated_correct` of them were routed there, out of the
+            `speculated_needed` experts that layer routed to (precision and recall: the properties below).
+        whole_layer_forwards: forwards that streamed MoE layers whole (tokens enough to touch most experts).
+        expert_cache_bytes: device memory of the expert caches.
     """
 
     bytes_fetched: int = 0
@@ -54,12 +63,38 @@ class OffloadStats:
     peak_resident_units: int = 0
     slot_bytes: int = 0
     resident_bytes: int = 0
+    expert_cache_hits: int = 0
+    expert_cache_misses: int = 0
+    expert_bytes_fetched: int = 0
+    speculative_fetches: int = 0
+    speculated: int = 0
+    speculated_correct: int = 0
+    speculated_needed: int = 0
+    whole_layer_forwards: int = 0
+    expert_cache_bytes: int = 0
+
+    @property
+    def expert_hit_rate(self) -> float:
+        """Fraction of the routed experts found on the device."""
+        total = self.expert_cache_hits + self.expert_cache_misses
+        return self.expert_cache_hits / total if total else 0.0
+
+    @property
+    def speculation_precision(self) -> float:
+        """Fraction of the speculatively guessed experts that their layer routed to."""
+        return self.speculated_correct / self.speculated if self.speculated else 0.0
+
+    @property
+    def speculation_recall(self) -> float:
+        """Fraction of the routed experts (of layers with a guess) that had been guessed."""
+        return self.speculated_correct / self.speculated_needed if self.speculated_needed else 0.0
 
 
 class _Slot:
     def __init__(self, index: int, nbytes: int, device: torch.device, staging: bool, pin: bool, mapped: bool):
         self.index = index
         self.unit: int | None = None
+        self.plan: UnitPlan | None = None
         self.future: Future | None = None
         self.bound = False
         # memory-mapped mode: (offset in the unit, uint8 tensor) for each range of the unit held, no buffer
@@ -98,6 +133,8 @@ class FetchPipeline:
         map_files: bool = False,
     ):
         self.plans = plans
+        # MoE units fetch only their dense part while `routed` (their experts come one by one, see experts.py)
+        self.routed = False
         self.store = store
         self.device = device
         self.depth = depth
@@ -106,9 +143,10 @@ class FetchPipeline:
         self.world = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
         # Each process reads an aligned 1/world share; the slot holds every share.
-        self._share = {p.index: align_up(-(-p.nbytes // self.world)) for p in plans}
-        self._payload = {p.index: sum(r.nbytes for r in p.ranges) for p in plans}
-        slot_bytes = max(self._share[p.index] * self.world for p in plans)
+        every = plans + [p.dense for p in plans if p.dense is not None]
+        self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
+        self._payload = {id(p): sum(r.nbytes for r in p.ranges) for p in every}
+        slot_bytes = max(self._share[id(p)] * self.world for p in plans)
         direct_copy = isinstance(store, CpuStore) and self.world == 1
         self.map_files = map_files and device.type == "cpu" and self.world == 1 and hasattr(store, "map_range")
         self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin, self.map_files) for i in range(depth + 1)]
@@ -124,8 +162,18 @@ class FetchPipeline:
 
     # -- the fetch, on the coordinator thread ---------------------------------------------------------------------
 
+    def plan_of(self, unit: int) -> UnitPlan:
+        plan = self.plans[unit]
+        return plan.dense if self.routed and plan.dense is not None else plan
+
+    def set_routed(self, routed: bool) -> None:
+        """Fetch MoE units without (`True`) or with their experts from now on."""
+        if routed != self.routed:
+            self.drain()  # prefetched units hold the other plan
+            self.routed = routed
+
     def _read_ranges(self, plan: UnitPlan, host: torch.Tensor) -> None:
-        share = self._share[plan.index]
+        share = self._share[id(plan)]
         lo_share, hi_share = self.rank * share, (self.rank + 1) * share
         futures = []
         for rng in plan.ranges:
@@ -145,7 +193,7 @@ class FetchPipeline:
                     raise f.exception()
 
     def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
-        share = self._share[plan.index]
+        share = self._share[id(plan)]
         mine = buffer[self.rank * share : (self.rank + 1) * share].clone()
         dist = torch.distributed
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -161,7 +209,7 @@ class FetchPipeline:
             if self.world > 1:
                 self._all_gather(slot.buffer, plan)
             return
-        nbytes = self._share[plan.index] * self.world
+        nbytes = self._share[id(plan)] * self.world
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(slot.free_event)  # the previous unit in this slot has finished computing
             if slot.staging is None:
@@ -176,11 +224,12 @@ class FetchPipeline:
             slot.ready_event.record(self.copy_stream)
 
     def _submit(self, unit: int, slot: _Slot) -> None:
-        slot.unit = unit
-        slot.future = self._coordinator.submit(self._fetch, self.plans[unit], slot)
+        plan = self.plan_of(unit)
+        slot.unit, slot.plan = unit, plan
+        slot.future = self._coordinator.submit(self._fetch, plan, slot)
         self.resident[unit] = slot
         self.stats.units_fetched += 1
-        self.stats.bytes_fetched += self._payload[unit]
+        self.stats.bytes_fetched += self._payload[id(plan)]
         self.stats.peak_resident_units = max(self.stats.peak_resident_units, len(self.resident))
 
     # -- the computing thread ---------------------------------------------------------------------------------------
@@ -190,7 +239,7 @@ class FetchPipeline:
         if slot.mapped:
             # the last reference to a mapping unmaps it, which takes milliseconds for a large unit: not here
             self._io.submit(slot.mapped.clear)
-        slot.unit, slot.future, slot.bound, slot.mapped = None, None, False, None
+        slot.unit, slot.plan, slot.future, slot.bound, slot.mapped = None, None, None, False, None
         self.free.append(slot)
 
     def drain(self) -> None:

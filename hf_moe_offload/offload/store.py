@@ -5,6 +5,12 @@ packed into one contiguous region, largest element size first so every tensor st
 shared with an earlier unit (tied embeddings) is not stored twice, the later unit reads it from its owner's region.
 A unit is fetched with a list of `ReadRange`s into one buffer whose layout is the unit's `UnitPlan`.
 
+The experts of a MoE layer (the transformers v5 fused parameters `gate_up_proj`/`up_proj`, `down_proj` and their
+biases, each `(num_experts, ...)`) are stored expert-major after the unit's dense tensors: expert `e`'s slices of every
+fused parameter form one 4 KiB-aligned region, so fetching one expert is one read, and the whole layer is still one
+region (read at once when every expert is wanted). In the safetensors files the slices are entries named
+`<experts module>.<e>.<parameter>`.
+
 - `CpuStore`: one arena (a uint8 tensor) per unit in host memory, page-locked when the execution device is CUDA.
 - `NvmeStore`: one safetensors file per unit in a directory, the data starting on a 4 KiB boundary so the region can
   be read with `O_DIRECT`, plus `manifest.json` (layout, sizes, CRC32 checksums, the source's fingerprint) written
@@ -36,7 +42,7 @@ logger = logging.get_logger(__name__)
 ALIGN = 4096
 # Every tensor starts on a 64-byte boundary like torch's CPU allocations: kernels see the alignment they see in memory.
 TENSOR_ALIGN = 64
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: experts stored expert-major
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MAP_MERGE_GAP = 1 << 20  # map across gaps up to this size between ranges rather than map twice
 MANIFEST = "manifest.json"
@@ -90,6 +96,49 @@ class ReadRange:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class ExpertGroup:
+    """The experts of one MoE layer: the fused `(num_experts, ...)` parameters of its experts module."""
+
+    module: str
+    params: tuple[TensorSpec, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return self.params[0].shape[0]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where the experts of one group sit in their unit's region: expert `e` at `offset + e * stride`, its slice of
+    parameter `i` at `param_offsets[i]` inside that."""
+
+    group: ExpertGroup
+    offset: int
+    stride: int
+    nbytes: int  # bytes of one expert's slices (<= stride)
+    param_offsets: tuple[int, ...]
+
+    @property
+    def num_experts(self) -> int:
+        return self.group.num_experts
+
+    def piece(self, expert: int, param: int) -> TensorSpec:
+        spec = self.group.params[param]
+        attr = spec.name.rpartition(".")[2]
+        return TensorSpec(f"{self.group.module}.{expert}.{attr}", spec.dtype, spec.shape[1:])
+
+    def views(self, buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """The fused parameters of `count` experts stored back to back (`stride` apart) in the uint8 `buffer`, as
+        `(count, ...)` views (strided over the experts, each expert's slice contiguous)."""
+        rows = buffer[: count * self.stride].view(count, self.stride)
+        views = []
+        for spec, start in zip(self.group.params, self.param_offsets, strict=True):
+            piece = rows[:, start : start + spec.nbytes // spec.shape[0]]
+            views.append(piece.view(spec.dtype).view(count, *spec.shape[1:]))
+        return views
+
+
 @dataclass
 class UnitPlan:
     """Where each tensor of one unit sits in its fetch buffer, and the reads that fill that buffer."""
@@ -101,14 +150,21 @@ class UnitPlan:
     own_nbytes: int = 0
     nbytes: int = 0  # buffer bytes, 4 KiB aligned
     ranges: list[ReadRange] = field(default_factory=list)
+    experts: list[ExpertLayout] = field(default_factory=list)  # MoE layers of the unit, in the buffer like the region
+    pieces: dict[str, tuple[str, int]] = field(default_factory=dict)  # own expert slice -> (fused parameter, expert)
+    dense: UnitPlan | None = None  # the same unit without its experts (fetched when experts come one by one)
 
     @property
     def key(self) -> str:
         return f"unit_{self.index:05d}"
 
 
-def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
-    """Lay out every unit: own tensors packed by decreasing element size, borrowed (tied) tensors after them."""
+def plan_units(
+    units: list[tuple[str, list[TensorSpec]]], experts: dict[int, list[ExpertGroup]] | None = None
+) -> list[UnitPlan]:
+    """Lay out every unit: own tensors packed by decreasing element size, then the unit's experts (expert-major, see
+    the module docstring), borrowed (tied) tensors after them. `experts` maps a unit index to its MoE layers."""
+    experts = experts or {}
     owner: dict[str, tuple[UnitPlan, int]] = {}
     plans = []
     for index, (name, specs) in enumerate(units):
@@ -121,21 +177,78 @@ def plan_units(units: list[tuple[str, list[TensorSpec]]]) -> list[UnitPlan]:
             plan.tensors.append((spec, offset))
             owner[spec.name] = (plan, offset)
             offset += spec.nbytes
+        dense_nbytes = offset
+        for group in experts.get(index, []):
+            offset = align_up(offset)
+            param_offsets, blob = [], 0
+            for spec in group.params:
+                blob = align_up(blob, TENSOR_ALIGN)
+                param_offsets.append(blob)
+                blob += spec.nbytes // spec.shape[0]
+            layout = ExpertLayout(group, offset, align_up(blob), blob, tuple(param_offsets))
+            plan.experts.append(layout)
+            for expert in range(group.num_experts):
+                for param, start in enumerate(param_offsets):
+                    piece = layout.piece(expert, param)
+                    plan.own.append((piece, offset + expert * layout.stride + start))
+                    plan.pieces[piece.name] = (group.params[param].name, expert)
+            offset += group.num_experts * layout.stride
         plan.own_nbytes = offset
-        if offset:
-            plan.ranges.append(ReadRange(plan.key, 0, 0, offset))
-        offset = align_up(offset)
-        own_names = {spec.name for spec in own}
-        for spec in specs:
-            if spec.name in own_names:
-                continue
-            src_plan, src_offset = owner[spec.name]
-            plan.tensors.append((spec, offset))
-            plan.ranges.append(ReadRange(src_plan.key, src_offset, offset, spec.nbytes))
-            offset = align_up(offset + spec.nbytes)
-        plan.nbytes = align_up(max(offset, 1))
+        borrowed = [spec for spec in specs if spec.name not in {s.name for s in own}]
+        _finish(plan, borrowed, owner)
+        if plan.experts:
+            plan.dense = UnitPlan(index=index, name=name, tensors=list(plan.tensors[: len(own)]))
+            _finish(plan.dense, borrowed, owner, region_nbytes=dense_nbytes)
         plans.append(plan)
     return plans
+
+
+def _finish(
+    plan: UnitPlan, borrowed: list[TensorSpec], owner: dict[str, tuple[UnitPlan, int]], region_nbytes: int = -1
+) -> None:
+    """Add the reads of `plan`: its own region (the first `region_nbytes` of it), then each borrowed tensor."""
+    nbytes = plan.own_nbytes if region_nbytes < 0 else region_nbytes
+    if nbytes:
+        plan.ranges.append(ReadRange(plan.key, 0, 0, nbytes))
+    offset = align_up(nbytes)
+    for spec in borrowed:
+        src_plan, src_offset = owner[spec.name]
+        plan.tensors.append((spec, offset))
+        plan.ranges.append(ReadRange(src_plan.key, src_offset, offset, spec.nbytes))
+        offset = align_up(offset + spec.nbytes)
+    plan.nbytes = align_up(max(offset, 1))
+
+
+def own_tensors(plan: UnitPlan, get: Callable[[str], torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The CPU tensors of `plan.own` in order, from `get(parameter name)`; an expert slice is cut from its fused
+    parameter, which is fetched once per unit."""
+    fused: dict[str, torch.Tensor] = {}
+    for spec, _ in plan.own:
+        piece = plan.pieces.get(spec.name)
+        if piece is None:
+            yield get(spec.name)
+            continue
+        name, expert = piece
+        if name not in fused:
+            fused[name] = get(name)
+        yield fused[name][expert]
+
+
+def assemble(plan: UnitPlan, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(parameter name, CPU tensor) of a unit from the (spec, tensor) pairs of its own region: expert slices are put
+    back together into their fused parameters."""
+    fused: dict[str, torch.Tensor] = {}
+    for spec, tensor in pairs:
+        piece = plan.pieces.get(spec.name)
+        if piece is None:
+            yield spec.name, tensor
+            continue
+        name, expert = piece
+        if name not in fused:
+            group_spec = next(s for layout in plan.experts for s in layout.group.params if s.name == name)
+            fused[name] = torch.empty(group_spec.shape, dtype=group_spec.dtype)
+        fused[name][expert].copy_(tensor)
+    yield from fused.items()
 
 
 # A function giving the CPU tensors of a unit's own region, in the order of `plan.own`.
@@ -158,6 +271,7 @@ class CpuStore:
 
     def __init__(self, plans: list[UnitPlan], source: TensorSource, pin: bool = False, progress: bool = True):
         self.arenas: dict[str, torch.Tensor] = {}
+        self.pinned = pin
         self.read_bytes = 0
         self._lock = threading.Lock()
         total = sum(plan.own_nbytes for plan in plans)
@@ -201,6 +315,12 @@ def _safetensors_header(plan: UnitPlan) -> bytes:
             "data_offsets": [offset, offset + spec.nbytes],
         }
         end = offset + spec.nbytes
+    if plan.own_nbytes > end:  # the last expert's alignment tail: every expert region is `stride` bytes
+        header[f"__padding_{end}__"] = {
+            "dtype": "U8",
+            "shape": [plan.own_nbytes - end],
+            "data_offsets": [end, plan.own_nbytes],
+        }
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Pad the JSON with spaces (allowed by the format) so the data starts on a 4 KiB boundary: O_DIRECT-readable.
     length = align_up(len(raw) + 8) - 8
@@ -310,6 +430,39 @@ class _FileStore:
         if run:
             flush()
         return views
+
+    def map_lazily(self, rng: ReadRange) -> tuple[mmap.mmap, int, torch.Tensor]:
+        """A private mapping of `rng` whose pages are mapped only when touched or populated: (the mapping, the offset
+        of the range in it, the range as a uint8 tensor). `populate`/`drop` map and unmap parts of it."""
+        path = self._paths[rng.source]
+        start = self._data_start[rng.source] + rng.src_offset
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(rng.source, False)
+        if os.fstat(fd).st_size < start + rng.nbytes:
+            raise RuntimeError(
+                f"NVMe store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; delete "
+                f"{self.path} to rebuild the store"
+            )
+        mapping = mmap.mmap(
+            fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
+        )
+        data = torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
+        return mapping, start - base, data
+
+    def populate(self, mapping: mmap.mmap, start: int, nbytes: int) -> None:
+        """Map the pages of `nbytes` at `start` (page aligned) of a `map_lazily` mapping now, reading them from the
+        file when they are not in the page cache."""
+        try:
+            mapping.madvise(_MADV_POPULATE_READ, start, nbytes)
+        except OSError:
+            mapping.madvise(mmap.MADV_WILLNEED, start, nbytes)
+        with self._lock:
+            self.read_bytes += nbytes
+
+    @staticmethod
+    def drop(mapping: mmap.mmap, start: int, nbytes: int) -> None:
+        """Unmap those pages again (never written: a later touch maps them from the file again)."""
+        mapping.madvise(mmap.MADV_DONTNEED, start, nbytes)
 
     def map_range(self, rng: ReadRange) -> torch.Tensor:
         """The bytes of `rng` as a uint8 CPU tensor over a private memory map of the file, its pages mapped now.
@@ -508,6 +661,10 @@ class NvmeStore(_FileStore):
                             f.write(memoryview(data.numpy()))
                             crc = crc32_tensor(data, crc)
                             bar.update(data.numel())
+                        if plan.own_nbytes > end:
+                            pad = bytes(plan.own_nbytes - end)
+                            f.write(pad)
+                            crc = zlib.crc32(pad, crc)
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, final)

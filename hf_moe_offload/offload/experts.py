@@ -1,0 +1,421 @@
+"""Expert-aware fetching for MoE layers: only the experts the router picked move, hot experts stay on the device, and
+the next MoE layer's experts are guessed and fetched ahead.
+
+Any experts module in the transformers v5 layout (`@use_experts_implementation`: fused `(num_experts, ...)`
+parameters `gate_up_proj` or `up_proj`, `down_proj`, optional biases) works: GPT-MoE, Mixtral, Qwen2-MoE, OLMoE, ...
+With `OffloadConfig(expert_fetch="routed")` the model's experts implementation becomes `"offload_routed"`, registered
+in transformers' `ALL_EXPERTS_FUNCTIONS`. Its block is fetched without the experts (attention, norms, router, shared
+experts stream with the block as before); when the router has run, the union of `top_k_index` over the batch is
+brought to the device and the model's own implementation (`"sorted_mm"`, `"grouped_mm"`, `"eager"`, ...) runs on
+those experts, renumbered into a compact `(routed experts, ...)` weight, so every expert computes exactly as in
+memory.
+
+Each MoE layer keeps `expert_cache_size` experts on the device, evicting the lowest score: a use count that decays by
+`_SCORE_DECAY` per use of the layer, so recency dominates (an LRU) and, among experts used about as long ago, the more
+frequent stays (the frequency prior). While a MoE layer computes, the next MoE layer's router (a device copy of its
+weight) is applied to the current hidden states and its likely experts are fetched into its cache: a wrong guess costs
+bandwidth, never correctness.
+
+On the CPU execution device with an NVMe store whose pages are mapped (`map_files`), the layer's experts region is
+mapped once without its pages; fetching an expert maps its pages (`MADV_POPULATE_READ`), evicting it unmaps them
+(`MADV_DONTNEED`): the weights are views of that mapping with the original expert ids, and nothing is copied. Elsewhere
+(the CPU store, copied or `O_DIRECT` NVMe reads, CUDA) an expert is one read into a row of the layer's cache buffer
+(pinned staging and a copy stream on CUDA), and the routed rows are gathered into one compact weight for the call
+(none when one expert is routed or the cache holds the whole layer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .store import ALIGN, CpuStore, ExpertLayout, ReadRange, UnitPlan
+
+
+if TYPE_CHECKING:
+    from .hooks import _OffloadState
+
+IMPLEMENTATION = "offload_routed"
+_LAYER_ATTR = "_hf_moe_offload_experts"
+# Per use of its layer an expert's score decays by this factor and a routed expert gains 1. Below 0.5 one recent use
+# outweighs any history (a pure LRU); at 0.8 an expert used 5 of the last 10 steps outlasts one used only 2 steps ago.
+_SCORE_DECAY = 0.8
+
+
+def find_experts_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, list[str]]]:
+    """(name, module, names of its fused expert parameters) of each v5 experts module under `module`."""
+    found = []
+    for name, sub in module.named_modules(prefix=prefix):
+        num_experts = getattr(sub, "num_experts", None)
+        config = getattr(sub, "config", None)
+        if not isinstance(num_experts, int) or num_experts < 1 or not hasattr(config, "_experts_implementation"):
+            continue
+        if not hasattr(sub, "has_gate") or not isinstance(sub._parameters.get("down_proj"), nn.Parameter):
+            continue
+        params = [
+            attr for attr, p in sub._parameters.items() if p is not None and p.dim() >= 2 and p.shape[0] == num_experts
+        ]
+        found.append((name, sub, params))
+    return found
+
+
+def _aligned_empty(nbytes: int, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer whose start is 4 KiB aligned on the CPU (O_DIRECT reads into it)."""
+    if device.type != "cpu":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    start = (-raw.data_ptr()) % ALIGN
+    return raw[start : start + nbytes]
+
+
+class _ExpertLayer:
+    """The experts of one MoE layer while offloaded: what is on the device, the policy, the fetches."""
+
+    def __init__(
+        self, state: _OffloadState, module: nn.Module, plan: UnitPlan, layout: ExpertLayout, implementation: str
+    ):
+        self.state = state
+        self.module = module
+        self.plan = plan
+        self.layout = layout
+        self.num_experts = layout.num_experts
+        self.top_k = int(getattr(module.config, "num_experts_per_tok", None) or 1)
+        self.implementation = implementation
+        self.forward_impl = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, type(module).forward.__wrapped__)
+        self.names = [spec.name for spec in layout.group.params]
+        self.attrs = [name.rpartition(".")[2] for name in self.names]
+        self.requires_grad = [state.requires_grad[name] for name in self.names]
+        self.capacity = min(state.config.expert_cache_size, self.num_experts)
+        self.score = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.resident: dict[int, int] = {}  # expert -> cache row (-1 when the pages are mapped)
+        self.pending: dict[int, Future] = {}
+        self.guess: list[int] | None = None
+        self.next: _ExpertLayer | None = None
+        self.router_weight: torch.Tensor | None = None  # device copy of this layer's router, for speculation
+
+    # -- the policy ---------------------------------------------------------------------------------------------
+
+    def _victim(self, keep: set[int]) -> int | None:
+        """The resident expert with the lowest score that is not in `keep` and not being fetched."""
+        candidates = [e for e in self.resident if e not in keep and (e not in self.pending or self.pending[e].done())]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda e: (self.score[e].item(), e))
+
+    def forward(
+        self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.state.pipeline.routed:  # a whole-layer forward: the unit bound every expert
+            return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
+        stats = self.state.pipeline.stats
+        routed = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]  # ascending
+        if self.guess is not None:
+            stats.speculated_correct += len(set(self.guess).intersection(routed))
+            stats.speculated_needed += len(routed)
+            self.guess = None
+        self.score.mul_(_SCORE_DECAY)
+        self.score[routed] += 1.0
+        misses = [e for e in routed if e not in self.resident]
+        stats.expert_cache_hits += len(routed) - len(misses)
+        stats.expert_cache_misses += len(misses)
+        uncached = self._fetch_misses(routed, misses)
+        if self.next is not None and self.state.config.speculative_prefetch:
+            self.next.speculate(hidden_states)
+        try:
+            return self._run(module, routed, uncached, hidden_states, top_k_index, top_k_weights)
+        finally:
+            self._after(routed)
+
+    def speculate(self, hidden_states: torch.Tensor) -> None:
+        """Guess this layer's experts from the previous MoE layer's hidden states and start fetching them."""
+        if self.capacity == 0 or self.router_weight is None or hidden_states.shape[-1] != self.router_weight.shape[1]:
+            return
+        logits = F.linear(hidden_states.float(), self.router_weight)  # (tokens, num_experts)
+        picks = logits.topk(min(self.top_k, self.num_experts), dim=-1).indices.reshape(-1)  # (tokens * k,)
+        votes = torch.bincount(picks, minlength=self.num_experts)  # (num_experts,)
+        ranked = torch.argsort(votes, descending=True, stable=True)[: self.capacity].tolist()
+        guess = [e for e in ranked if votes[e] > 0]
+        stats = self.state.pipeline.stats
+        stats.speculated += len(guess)
+        self.guess = guess
+        keep = set(guess)
+        for expert in guess:
+            if expert in self.resident:
+                continue
+            if len(self.resident) >= self.capacity:
+                victim = self._victim(keep)
+                if victim is None:
+                    break
+                self._evict(victim)
+            self._start_fetch(expert)
+            stats.speculative_fetches += 1
+
+    def _fetch_misses(self, routed: list[int], misses: list[int]) -> list[int]:
+        """Start fetching the missing experts into the cache, evicting others; returns those that found no room
+        (more experts routed than the cache holds), fetched for this call only."""
+        keep = set(routed)
+        uncached = []
+        for expert in misses:
+            if len(self.resident) >= self.capacity:
+                victim = self._victim(keep)
+                if victim is None:
+                    uncached.append(expert)
+                    continue
+                self._evict(victim)
+            self._start_fetch(expert)
+        return uncached
+
+    def _count_fetch(self) -> None:
+        stats = self.state.pipeline.stats
+        stats.expert_bytes_fetched += self.layout.nbytes
+        stats.bytes_fetched += self.layout.nbytes
+
+    def _wait(self, experts: list[int]) -> None:
+        futures = [self.pending.pop(e) for e in experts if e in self.pending]
+        if futures:
+            start = time.perf_counter()
+            wait(futures)
+            self.state.pipeline.stats.fetch_wait_seconds += time.perf_counter() - start
+            for future in futures:
+                future.result()  # a reader's exception is raised here
+
+    def _bind(self, module: nn.Module, views: list[torch.Tensor]) -> None:
+        for attr, view, grad in zip(self.attrs, views, self.requires_grad, strict=True):
+            module._parameters[attr] = nn.Parameter(view, requires_grad=grad)
+
+    def _unbind(self, module: nn.Module) -> None:
+        for name, attr in zip(self.names, self.attrs, strict=True):
+            module._parameters[attr] = self.state.placeholders[name]
+
+    # -- backend hooks ------------------------------------------------------------------------------------------
+
+    def _start_fetch(self, expert: int) -> None:
+        raise NotImplementedError
+
+    def _evict(self, expert: int) -> None:
+        raise NotImplementedError
+
+    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _after(self, routed: list[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        wait(list(self.pending.values()))
+        self.pending.clear()
+        self.resident.clear()
+
+
+class _MappedExperts(_ExpertLayer):
+    """CPU execution device, NVMe store mapped: the experts region mapped once, experts' pages mapped on demand."""
+
+    def __init__(self, state, module, plan, layout, implementation):
+        super().__init__(state, module, plan, layout, implementation)
+        store = state.store
+        region = ReadRange(plan.key, layout.offset, 0, layout.num_experts * layout.stride)
+        self.mapping, self.base, data = store.map_lazily(region)
+        self.views = layout.views(data, layout.num_experts)
+
+    def _start_fetch(self, expert: int) -> None:
+        store = self.state.store
+        start = self.base + expert * self.layout.stride
+        self.resident[expert] = -1
+        self.pending[expert] = self.state.pipeline._io.submit(store.populate, self.mapping, start, self.layout.nbytes)
+        self._count_fetch()
+
+    def _evict(self, expert: int) -> None:
+        self.pending.pop(expert, None)
+        del self.resident[expert]
+        self.state.store.drop(self.mapping, self.base + expert * self.layout.stride, self.layout.nbytes)
+
+    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
+        for expert in uncached:  # no room in the cache: mapped for this call, unmapped after it
+            self._start_fetch(expert)
+        self._wait(routed)
+        self._bind(module, self.views)
+        try:
+            return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
+        finally:
+            self._unbind(module)
+
+    def _after(self, routed: list[int]) -> None:
+        while len(self.resident) > self.capacity:
+            self._evict(self._victim(set()))
+
+    def close(self) -> None:
+        super().close()
+        self.views = []
+        # the mapping closes with the last view of it (a parameter the caller may still hold would keep it)
+
+
+class _CopiedExperts(_ExpertLayer):
+    """Experts read (or copied) into rows of a per-layer cache buffer on the execution device."""
+
+    def __init__(self, state, module, plan, layout, implementation):
+        super().__init__(state, module, plan, layout, implementation)
+        self.device = state.device
+        self.stride = layout.stride
+        self.cache = _aligned_empty(self.capacity * self.stride, self.device)
+        self.free_rows = list(range(self.capacity))
+        # the whole layer cached: row e holds expert e, and the cache is the layer's fused weight as it is
+        self.identity = self.capacity == self.num_experts
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.free_event = torch.cuda.Event()  # the compute stream is done with the cache rows
+            self.free_event.record(torch.cuda.current_stream(self.device))
+
+    def _read(self, expert: int, dst: torch.Tensor) -> None:
+        """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread."""
+        store = self.state.store
+        rng = ReadRange(self.plan.key, self.layout.offset + expert * self.stride, 0, self.layout.nbytes)
+        if not self.cuda:
+            store.read(rng, dst, 0, rng.nbytes)
+            return
+        copy_stream = self.state.pipeline.copy_stream
+        event = torch.cuda.Event()
+        staging = None
+        try:
+            with torch.cuda.stream(copy_stream):
+                copy_stream.wait_event(self.free_event)  # rows the compute stream may still read
+                if isinstance(store, CpuStore) and store.pinned:
+                    store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
+                else:
+                    staging = self.state.expert_staging.get()
+                    store.read(rng, staging, 0, rng.nbytes)
+                    dst[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
+                event.record(copy_stream)
+            event.synchronize()  # this I/O thread only (the computing thread waits on the future)
+        finally:
+            if staging is not None:
+                self.state.expert_staging.put(staging)
+
+    def _row(self, row: int) -> torch.Tensor:
+        return self.cache[row * self.stride : (row + 1) * self.stride]
+
+    def _start_fetch(self, expert: int) -> None:
+        row = expert if self.identity else self.free_rows.pop()
+        self.resident[expert] = row
+        self.pending[expert] = self.state.pipeline._io.submit(self._read, expert, self._row(row))
+        self._count_fetch()
+
+    def _evict(self, expert: int) -> None:
+        future = self.pending.pop(expert, None)
+        if future is not None:
+            future.result()
+        self.free_rows.append(self.resident.pop(expert))
+
+    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
+        if self.identity:
+            self._wait(routed)
+            weights, ids = self.layout.views(self.cache, self.num_experts), top_k_index
+        elif len(routed) == 1 and not uncached:
+            self._wait(routed)
+            row = self.resident[routed[0]]
+            weights = self.layout.views(self.cache[row * self.stride :], 1)
+            ids = (top_k_index != routed[0]).to(top_k_index.dtype)  # (tokens, k): 0, or 1 past the last expert
+        else:
+            count = len(routed)
+            scratch = _aligned_empty(count * self.stride, self.device)
+            position = {expert: j for j, expert in enumerate(routed)}
+            direct = [
+                self.state.pipeline._io.submit(self._read, e, scratch[position[e] * self.stride :]) for e in uncached
+            ]
+            for _ in uncached:
+                self._count_fetch()
+            self._wait([e for e in routed if e not in uncached])
+            for expert in routed:
+                if expert in self.resident:
+                    j = position[expert]
+                    scratch[j * self.stride : (j + 1) * self.stride].copy_(self._row(self.resident[expert]))
+            wait(direct)
+            for future in direct:
+                future.result()
+            weights = self.layout.views(scratch, count)
+            lookup = torch.full((self.num_experts + 1,), count, dtype=top_k_index.dtype, device=top_k_index.device)
+            lookup[torch.tensor(routed, device=top_k_index.device)] = torch.arange(
+                count, dtype=top_k_index.dtype, device=top_k_index.device
+            )
+            ids = lookup[top_k_index.clamp(0, self.num_experts)]  # (tokens, k) renumbered, in the same order
+        self._bind(module, weights)
+        num_experts = module.num_experts
+        module.num_experts = weights[0].shape[0]
+        try:
+            return self.forward_impl(module, hidden_states, ids, top_k_weights)
+        finally:
+            module.num_experts = num_experts
+            self._unbind(module)
+
+    def _after(self, routed: list[int]) -> None:
+        if self.cuda:
+            self.free_event.record(torch.cuda.current_stream(self.device))
+
+
+def routed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_implementation="offload_routed"`: the experts of an offloaded MoE layer, fetched as routed."""
+    layer: _ExpertLayer | None = getattr(self, _LAYER_ATTR, None)
+    if layer is None:
+        raise RuntimeError(
+            f"experts_implementation={IMPLEMENTATION!r} runs only on a model offloaded by hf_moe_offload "
+            f"(enable_offload / load_offloaded with expert_fetch='routed')"
+        )
+    return layer.forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
+
+
+def _router_name(state: _OffloadState, experts_name: str, num_experts: int, hidden: int) -> str | None:
+    """The router weight of the MoE block holding `experts_name`: a `(num_experts, hidden)` parameter beside it."""
+    block = experts_name.rpartition(".")[0]
+    for name, param in state.originals.items():
+        if name.startswith(block + ".") and not name.startswith(experts_name + "."):
+            if tuple(param.shape) == (num_experts, hidden):
+                return name
+    return None
+
+
+def attach_experts(state: _OffloadState) -> list[_ExpertLayer]:
+    """Build the expert layers of an offloaded model and switch its experts implementation to routed fetching."""
+    mapped = state.pipeline.map_files and not isinstance(state.store, CpuStore)
+    layers: list[_ExpertLayer] = []
+    for plan in state.plans:
+        for layout in plan.experts:
+            module = state.experts_modules[layout.group.module]
+            implementation = module.config._experts_implementation
+            cls = _MappedExperts if mapped else _CopiedExperts
+            layers.append(cls(state, module, plan, layout, implementation))
+    for layer, following in itertools.pairwise(layers):
+        layer.next = following
+    if layers and state.device.type == "cuda" and not (isinstance(state.store, CpuStore) and state.store.pinned):
+        stride = max(layer.layout.stride for layer in layers)
+        for _ in range(state.config.io_threads):
+            state.expert_staging.put(_aligned_empty(stride, torch.device("cpu"), pin=state.config.pin_memory))
+    for layer in layers:
+        hidden = layer.layout.group.params[-1].shape[1]  # down_proj: (experts, hidden, intermediate)
+        name = _router_name(state, layer.layout.group.module, layer.num_experts, hidden)
+        if name is not None and state.config.speculative_prefetch:
+            layer.router_weight = state.read_tensor(name).float().to(state.device)
+        if isinstance(layer, _CopiedExperts):
+            state.pipeline.stats.expert_cache_bytes += layer.cache.numel()
+        setattr(layer.module, _LAYER_ATTR, layer)
+    for layer in layers:
+        layer.module.config._experts_implementation_internal = IMPLEMENTATION
+    return layers
+
+
+def detach_experts(state: _OffloadState, layers: list[_ExpertLayer]) -> None:
+    for layer in layers:
+        layer.close()
+        layer.module.config._experts_implementation_internal = layer.implementation
+        if hasattr(layer.module, _LAYER_ATTR):
+            delattr(layer.module, _LAYER_ATTR)
