@@ -223,6 +223,7 @@ class _MappedExperts(_ExpertLayer):
         region = ReadRange(plan.key, layout.offset, 0, layout.num_experts * layout.stride)
         self.mapping, self.base, data = store.map_lazily(region)
         self.views = layout.views(data, layout.num_experts)
+        self.transient: list[int] = []
 
     def _start_fetch(self, expert: int) -> None:
         store = self.state.store
@@ -239,6 +240,7 @@ class _MappedExperts(_ExpertLayer):
     def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
         for expert in uncached:  # no room in the cache: mapped for this call, unmapped after it
             self._start_fetch(expert)
+        self.transient = uncached
         self._wait(routed)
         self._bind(module, self.views)
         try:
@@ -247,8 +249,9 @@ class _MappedExperts(_ExpertLayer):
             self._unbind(module)
 
     def _after(self, routed: list[int]) -> None:
-        while len(self.resident) > self.capacity:
-            self._evict(self._victim(set()))
+        for expert in self.transient:
+            self._evict(expert)
+        self.transient = []
 
     def close(self) -> None:
         super().close()

@@ -1,0 +1,243 @@
+"""MoE-aware offload: only the routed experts move, the per-layer cache follows its policy, speculation never changes
+a result, and whole layers stream when a forward touches most experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_offload import prompts, store_config, tiny_model
+
+from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM, OffloadConfig, disable_offload, enable_offload
+from hf_moe_offload import get_offload_stats
+from hf_moe_offload.offload import experts as experts_module
+from hf_moe_offload.offload.experts import IMPLEMENTATION
+
+
+MOE_ARCHS = ["gpt_moe", "gpt_moe_top2_capacity", "mixtral", "qwen2_moe"]
+# "all": the cache holds every expert of a layer (capped at the layer's count)
+CACHE_SIZES = {"0": 0, "1": 1, "all": 64}
+
+
+def routed_trace(model, ids, max_new_tokens):
+    """The experts each MoE layer is given at every call of a greedy generation in memory: a list per layer of the
+    sorted union of `top_k_index` over the batch (the naive reference of what must be fetched)."""
+    trace: dict[str, list[list[int]]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if getattr(module, "has_gate", None) is not None and hasattr(module, "num_experts"):
+            calls = trace.setdefault(name, [])
+
+            def record(mod, args, calls=calls):
+                calls.append(sorted(set(args[1].reshape(-1).tolist())))
+
+            handles.append(module.register_forward_pre_hook(record))
+    tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    for handle in handles:
+        handle.remove()
+    return tokens, list(trace.values())
+
+
+@pytest.mark.parametrize("speculate", [True, False], ids=["speculate", "no-speculation"])
+@pytest.mark.parametrize("cache", list(CACHE_SIZES))
+@pytest.mark.parametrize("kind", ["cpu", "nvme", "nvme-copy"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, tmp_path):
+    model = tiny_model(arch)
+    ids = prompts()
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    implementation = model.config._experts_implementation
+    # expert_break_even=1.0: every forward fetches routed experts, the prefill too
+    config = store_config(
+        kind, tmp_path, 1, expert_cache_size=CACHE_SIZES[cache], speculative_prefetch=speculate, expert_break_even=1.0
+    )
+    enable_offload(model, config)
+    assert model.config._experts_implementation == IMPLEMENTATION
+    with torch.no_grad():
+        offloaded_logits = model(ids).logits
+    offloaded_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    stats = get_offload_stats(model)
+    disable_offload(model)
+
+    assert torch.equal(offloaded_logits, logits)  # the model's own kernel on the same bytes, experts renumbered
+    assert torch.equal(offloaded_tokens, tokens)
+    assert model.config._experts_implementation == implementation
+    assert stats.whole_layer_forwards == 0
+    assert stats.expert_cache_misses > 0
+    if CACHE_SIZES[cache] == 0:
+        assert stats.expert_cache_hits == 0
+    if not speculate or CACHE_SIZES[cache] == 0:
+        assert stats.speculated == stats.speculative_fetches == 0
+    assert stats.speculated_correct <= min(stats.speculated, stats.speculated_needed)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "nvme", "nvme-copy"])
+def test_only_the_routed_experts_are_fetched(kind, tmp_path):
+    """Cache off: every routed expert of every call is fetched once, nothing else; bytes add up exactly."""
+    model = tiny_model("gpt_moe")
+    ids = prompts(batch=1)
+    tokens, trace = routed_trace(model, ids, max_new_tokens=5)
+    config = store_config(kind, tmp_path, 0, expert_cache_size=0, expert_break_even=1.0)  # depth 0: no step overlap
+    enable_offload(model, config)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), tokens)
+    state = model._hf_moe_offload_state
+    expert_nbytes = {layer.layout.group.module: layer.layout.nbytes for layer in state.expert_layers}
+    stats = get_offload_stats(model, reset=True)
+    routed = sum(len(call) for calls in trace for call in calls)
+    assert stats.expert_cache_misses == routed and stats.expert_cache_hits == 0
+    assert stats.expert_bytes_fetched == routed * next(iter(expert_nbytes.values()))
+
+    # one more decoding step at batch 1: the dense parts, one expert per MoE layer, one row per embedding table
+    with torch.no_grad():
+        model(tokens[:, -1:])
+    stats = get_offload_stats(model)
+    dense, whole, rows = unit_bytes(model)
+    top1 = len(state.expert_layers) * next(iter(expert_nbytes.values()))
+    assert stats.bytes_fetched == dense + top1 + rows
+    assert stats.bytes_fetched < whole + rows  # the "all" behaviour moves every expert
+    disable_offload(model)
+
+
+def unit_bytes(model) -> tuple[int, int, int]:
+    """Bytes of one forward's units without and with their experts, and of one row of each embedding table."""
+    state = model._hf_moe_offload_state
+    dense = whole = rows = 0
+    for plan, (_, module) in zip(state.plans, state.unit_modules, strict=True):
+        if isinstance(module, torch.nn.Embedding):
+            rows += module.embedding_dim * module.weight.element_size()
+            continue
+        dense += sum(r.nbytes for r in (plan.dense or plan).ranges)
+        whole += sum(r.nbytes for r in plan.ranges)
+    return dense, whole, rows
+
+
+def simulate_cache(calls: list[list[int]], capacity: int, decay: float) -> tuple[int, int]:
+    """Naive reference of the cache policy: score decays per call, +1 when routed; a miss evicts the lowest
+    (score, id) expert not routed in this call, or is not cached when every cached expert is routed."""
+    score: dict[int, float] = {}
+    cached: set[int] = set()
+    hits = misses = 0
+    for routed in calls:
+        score = {e: s * decay for e, s in score.items()}
+        for e in routed:
+            score[e] = score.get(e, 0.0) + 1.0
+        for e in routed:
+            if e in cached:
+                hits += 1
+                continue
+            misses += 1
+            if len(cached) >= capacity:
+                others = [c for c in cached if c not in routed]
+                if not others:
+                    continue
+                cached.remove(min(others, key=lambda c: (score[c], c)))
+            cached.add(e)
+    return hits, misses
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 8])
+@pytest.mark.parametrize("kind", ["nvme", "nvme-copy"])
+def test_cache_hits_follow_the_policy(capacity, kind, tmp_path):
+    config = GPTMoEConfig.from_preset("tiny-moe", vocab_size=96, num_hidden_layers=4, num_experts=8)
+    torch.manual_seed(0)
+    model = GPTMoEForCausalLM(config).eval()
+    ids = prompts(batch=3, seq=4)
+    tokens, trace = routed_trace(model, ids, max_new_tokens=8)
+    enable_offload(
+        model,
+        store_config(kind, tmp_path, 1, expert_cache_size=capacity, speculative_prefetch=False, expert_break_even=1.0),
+    )
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+    stats = get_offload_stats(model)
+    disable_offload(model)
+    expected = [simulate_cache(calls, capacity, experts_module._SCORE_DECAY) for calls in trace]
+    assert stats.expert_cache_hits == sum(h for h, _ in expected)
+    assert stats.expert_cache_misses == sum(m for _, m in expected)
+
+
+def test_speculation_counts_and_wrong_guesses_change_nothing(tmp_path):
+    config = GPTMoEConfig.from_preset("tiny-moe", vocab_size=96, num_hidden_layers=6, num_experts=8)
+    torch.manual_seed(0)
+    model = GPTMoEForCausalLM(config).eval()
+    ids = prompts(batch=1)
+    tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    enable_offload(model, store_config("nvme-copy", tmp_path, 1, expert_cache_size=2, expert_break_even=1.0))
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+    first = get_offload_stats(model, reset=True)
+    assert first.speculated > 0 and first.speculated_correct <= min(first.speculated, first.speculated_needed)
+    with torch.no_grad():
+        model(tokens[:, -1:])  # one token: each of the 2 MoE layers with a predecessor gets 1 guess, routes 1 expert
+    stats = get_offload_stats(model, reset=True)
+    assert stats.speculated == stats.speculated_needed == 2
+    assert stats.speculation_recall == stats.speculation_precision == stats.speculated_correct / 2
+    for layer in model._hf_moe_offload_state.expert_layers:
+        if layer.router_weight is not None:
+            layer.router_weight = -layer.router_weight  # guesses every expert but the likely one
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+    wrong = get_offload_stats(model)
+    assert wrong.speculative_fetches > 0
+    disable_offload(model)
+
+
+def test_whole_layers_stream_above_the_break_even(tmp_path):
+    model = tiny_model("gpt_moe")  # 8 experts, top-1
+    ids = prompts(batch=2, seq=5)  # prefill: 10 tokens touch 1 - (7/8)**10 = 74% of the experts
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    enable_offload(model, store_config("nvme", tmp_path, 1, expert_break_even=0.5))
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    stats = get_offload_stats(model)
+    state = model._hf_moe_offload_state
+    assert state.expected_experts_fraction(10) == pytest.approx(1 - (7 / 8) ** 10)
+    assert stats.whole_layer_forwards == 1  # the prefill; the 3 decoding steps (2 tokens, 23%) fetch routed experts
+    assert stats.expert_cache_misses + stats.expert_cache_hits > 0
+    disable_offload(model)
+
+
+def test_expert_fetch_all_streams_every_expert(tmp_path):
+    model = tiny_model("gpt_moe")
+    ids = prompts(batch=1)
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    implementation = model.config._experts_implementation
+    enable_offload(model, store_config("nvme", tmp_path, 0, expert_fetch="all"))
+    assert model.config._experts_implementation == implementation
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    stats = get_offload_stats(model, reset=True)
+    assert stats.expert_cache_hits == stats.expert_cache_misses == stats.expert_bytes_fetched == 0
+    with torch.no_grad():
+        model(ids[:, -1:])
+    _, whole, rows = unit_bytes(model)
+    assert get_offload_stats(model).bytes_fetched == whole + rows
+    disable_offload(model)
+
+
+def test_offload_routed_outside_an_offloaded_model_is_refused():
+    model = tiny_model("gpt_moe")
+    model.set_experts_implementation(IMPLEMENTATION)
+    with pytest.raises(RuntimeError, match="runs only on a model offloaded by hf_moe_offload"):
+        model(prompts())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"expert_fetch": "some"}, r"expert_fetch \('some'\) must be one of \('routed', 'all'\)"),
+        ({"expert_cache_size": -1}, r"expert_cache_size \(-1\) must be an integer >= 0"),
+        ({"expert_cache_size": 2.5}, r"expert_cache_size \(2.5\) must be an integer >= 0"),
+        ({"expert_break_even": 0.0}, r"expert_break_even \(0.0\) must be a fraction in \(0, 1\]"),
+        ({"expert_break_even": 1.5}, r"expert_break_even \(1.5\) must be a fraction in \(0, 1\]"),
+    ],
+)
+def test_bad_expert_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OffloadConfig(**kwargs)
+
+
+def test_disable_offload_restores_fused_experts_bit_for_bit(tmp_path):
+    model = tiny_model("mixtral")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    enable_offload(model, store_config("nvme", tmp_path, 1, expert_cache_size=1, expert_break_even=1.0))
+    model.generate(prompts(), max_new_tokens=3, do_sample=False)
+    disable_offload(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
