@@ -20,8 +20,12 @@ def test_demo_generates_with_a_tiny_gpt_moe(capsys):
 
 
 def test_bad_preset_is_one_clear_line_and_exit_code_2():
-    result = subprocess.run([sys.executable, "-m", "hf_moe_offload", "demo", "--preset", "huge"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_moe_offload", "demo", "--preset", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "unknown GPT-MoE preset 'huge'" in result.stderr

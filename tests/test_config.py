@@ -6,8 +6,13 @@ from hf_moe_offload import PRESETS, GPTMoEConfig, GPTMoEForCausalLM
 
 
 def test_seed_presets_have_the_published_shapes():
-    expected = {"350m": (24, 1024, 16), "1.3b": (24, 2048, 16), "6.7b": (32, 4096, 32),
-                "350m-moe128": (24, 1024, 16), "1.3b-moe128": (24, 2048, 16)}
+    expected = {
+        "350m": (24, 1024, 16),
+        "1.3b": (24, 2048, 16),
+        "6.7b": (32, 4096, 32),
+        "350m-moe128": (24, 1024, 16),
+        "1.3b-moe128": (24, 2048, 16),
+    }
     for name, (layers, hidden, heads) in expected.items():
         config = GPTMoEConfig.from_preset(name)
         assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (layers, hidden, heads)
@@ -90,8 +95,10 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
 def test_bad_config_raises_value_error_naming_field_value_and_rule(overrides, message):
     with pytest.raises(ValueError, match=message):
-        GPTMoEConfig.from_preset("tiny-pr-moe" if "num_experts" in overrides and isinstance(
-            overrides["num_experts"], list) else "tiny-moe", **overrides)
+        GPTMoEConfig.from_preset(
+            "tiny-pr-moe" if "num_experts" in overrides and isinstance(overrides["num_experts"], list) else "tiny-moe",
+            **overrides,
+        )
 
 
 def test_bad_preset_lists_the_valid_ones():
@@ -101,11 +108,14 @@ def test_bad_preset_lists_the_valid_ones():
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize(("overrides", "field"), [
-    ({"hidden_size": "abc"}, "hidden_size"),
-    ({"num_experts": 2.5}, "num_experts"),
-    ({"capacity_factor": "1"}, "capacity_factor"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"hidden_size": "abc"}, "hidden_size"),
+        ({"num_experts": 2.5}, "num_experts"),
+        ({"capacity_factor": "1"}, "capacity_factor"),
+    ],
+)
 def test_wrong_types_are_refused_by_strict_config_checking(overrides, field):
     from huggingface_hub.errors import StrictDataclassFieldValidationError
 

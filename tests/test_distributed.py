@@ -23,8 +23,9 @@ def test_ep_plan_shards_experts_and_matches_one_process(tmp_path):
         reference = model(ids, labels=ids)
     torch.save({"ids": ids, "logits": reference.logits, "loss": reference.loss}, tmp_path / "reference.pt")
     script = tmp_path / "ep_forward.py"
-    script.write_text(textwrap.dedent(
-        f"""
+    script.write_text(
+        textwrap.dedent(
+            f"""
         import os
         import torch
         import hf_moe_offload  # noqa: F401
@@ -44,11 +45,16 @@ def test_ep_plan_shards_experts_and_matches_one_process(tmp_path):
         torch.testing.assert_close(out.loss, reference["loss"], rtol=1e-5, atol=1e-5)
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
         """
-    ))
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()

@@ -175,8 +175,9 @@ def test_experts_match_naive_forward_and_backward(top_k, implementation, force_s
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)  # fp32 kernels vs fp64 loop
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [hidden, experts.up_proj, experts.down_proj, experts.up_proj_bias], grad_out)
-    ref_grads = torch.autograd.grad(ref, [hidden, experts.up_proj, experts.down_proj, experts.up_proj_bias],
-                                    grad_out.double())
+    ref_grads = torch.autograd.grad(
+        ref, [hidden, experts.up_proj, experts.down_proj, experts.up_proj_bias], grad_out.double()
+    )
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)  # fp32 accumulation order differs
     assert torch.count_nonzero(grads[1][7]) == 0  # the idle expert gets a zero gradient
@@ -269,17 +270,23 @@ def test_sorted_mm_backward_for_any_activation(activation, sorted_mm_layout):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)  # fp32 vs fp64 loop
 
 
-@pytest.mark.parametrize(("index", "layout"), [
-    (torch.arange(32).remainder(8)[:, None], "padded"),  # balanced: 4 rows per expert, no padding
-    (torch.zeros(32, 1, dtype=torch.long), "sorted"),  # one hot expert: padding would waste 7/8 of the rows
-])
+@pytest.mark.parametrize(
+    ("index", "layout"),
+    [
+        (torch.arange(32).remainder(8)[:, None], "padded"),  # balanced: 4 rows per expert, no padding
+        (torch.zeros(32, 1, dtype=torch.long), "sorted"),  # one hot expert: padding would waste 7/8 of the rows
+    ],
+)
 def test_sorted_mm_picks_the_padded_layout_only_when_it_wastes_little(index, layout, monkeypatch):
     config = make_config()
     config._experts_implementation = "sorted_mm"
     experts = init_module(GPTMoEExperts(config, 8), std=0.1)
     used = []
-    monkeypatch.setattr(modeling_gpt_moe, "_padded_linear", lambda *a: used.append("padded") or torch.baddbmm(
-        a[2].unsqueeze(1), a[0], a[1].transpose(1, 2)))
+    monkeypatch.setattr(
+        modeling_gpt_moe,
+        "_padded_linear",
+        lambda *a: used.append("padded") or torch.baddbmm(a[2].unsqueeze(1), a[0], a[1].transpose(1, 2)),
+    )
     hidden = torch.randn(32, config.hidden_size)
     out = experts(hidden, index, torch.rand(32, 1))
     assert ("padded" if used else "sorted") == layout

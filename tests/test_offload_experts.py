@@ -7,8 +7,14 @@ import pytest
 import torch
 from test_offload import prompts, store_config, tiny_model
 
-from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM, OffloadConfig, disable_offload, enable_offload
-from hf_moe_offload import get_offload_stats
+from hf_moe_offload import (
+    GPTMoEConfig,
+    GPTMoEForCausalLM,
+    OffloadConfig,
+    disable_offload,
+    enable_offload,
+    get_offload_stats,
+)
 from hf_moe_offload.offload import experts as experts_module
 from hf_moe_offload.offload.experts import IMPLEMENTATION
 

@@ -26,8 +26,16 @@ def test_trainer_with_gradient_accumulation_trains_and_checkpoints_the_code(tmp_
     model = GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny-moe", router_z_loss_coef=0.001))
     data = _Rows(torch.randint(0, 64, (16, 16)))  # a small vocabulary slice: learnable in a few steps
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=6,
-        learning_rate=3e-3, logging_steps=1, save_steps=6, report_to=[], use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_steps=6,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     assert trainer.model_accepts_loss_kwargs  # num_items_in_batch reaches forward, so the CE is token-weighted
@@ -49,12 +57,15 @@ def test_router_loss_over_accumulated_micro_batches_adds_up_to_one_weighted_mean
         out = model(ids, labels=ids, num_items_in_batch=torch.tensor(total_items))
         accumulated = accumulated + out.loss
         expected_router = expected_router + out.aux_loss * ids[:, 1:].numel() / total_items
-    ce = sum(
-        torch.nn.functional.cross_entropy(
-            model(ids).logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1), reduction="sum"
+    ce = (
+        sum(
+            torch.nn.functional.cross_entropy(
+                model(ids).logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            for ids in micro_batches
         )
-        for ids in micro_batches
-    ) / total_items
+        / total_items
+    )
     torch.testing.assert_close(accumulated, ce + expected_router)
     # the router term's weights sum to 1: it enters the step once, not once per micro-batch
     assert sum(ids[:, 1:].numel() / total_items for ids in micro_batches) == 1.0
