@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_offload import prompts, store_config, tiny_model
+from test_offload import _SMALL, prompts, store_config, tiny_model
 
 from hf_moe_offload import (
     GPTMoEConfig,
@@ -43,11 +43,20 @@ def routed_trace(model, ids, max_new_tokens):
     return tokens, list(trace.values())
 
 
+@pytest.fixture(params=["virtual", "compact"])
+def backend(request, monkeypatch):
+    """The CPU device's backend ("virtual": whole region reserved, no gather) and the CUDA one ("compact": cache rows
+    gathered into a compact weight, ids renumbered), run here on the CPU."""
+    if request.param == "compact":
+        monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)
+    return request.param
+
+
 @pytest.mark.parametrize("speculate", [True, False], ids=["speculate", "no-speculation"])
 @pytest.mark.parametrize("cache", list(CACHE_SIZES))
 @pytest.mark.parametrize("kind", ["cpu", "nvme", "nvme-copy"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, tmp_path):
+def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, backend, tmp_path):
     model = tiny_model(arch)
     ids = prompts()
     with torch.no_grad():
@@ -78,8 +87,64 @@ def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, tmp_path
     assert stats.speculated_correct <= min(stats.speculated, stats.speculated_needed)
 
 
+def _more_moe_config(arch: str):
+    from transformers import DeepseekV3Config, GptOssConfig, OlmoeConfig, Qwen3MoeConfig
+
+    base = {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **_SMALL,
+    }
+    experts = {"num_experts_per_tok": 2, "intermediate_size": 64}
+    if arch == "olmoe":
+        return OlmoeConfig(num_experts=8, **experts, **base)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=8, moe_intermediate_size=32, head_dim=8, **experts, **base)
+    if arch == "gpt_oss":  # transposed, interleaved gate/up, biases
+        return GptOssConfig(num_local_experts=8, head_dim=8, **experts, **base)
+    # DeepSeek-V3: shared experts, sigmoid router with a correction bias and grouped top-k, first layer dense
+    return DeepseekV3Config(
+        **{**base, "num_key_value_heads": 4},
+        **experts,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_routed_fetching_on_more_transformers_moe_models(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_more_moe_config(arch)).eval()
+    ids = prompts()
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=5, do_sample=False)
+    enable_offload(model, store_config("nvme", tmp_path, 1, expert_cache_size=1, expert_break_even=1.0))
+    assert model.config._experts_implementation == IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), tokens)
+    state = model._hf_moe_offload_state
+    assert all(layer.router_weight is not None for layer in state.expert_layers)  # its router was found
+    assert get_offload_stats(model).speculated > 0
+    disable_offload(model)
+
+
 @pytest.mark.parametrize("kind", ["cpu", "nvme", "nvme-copy"])
-def test_only_the_routed_experts_are_fetched(kind, tmp_path):
+def test_only_the_routed_experts_are_fetched(kind, backend, tmp_path):
     """Cache off: every routed expert of every call is fetched once, nothing else; bytes add up exactly."""
     model = tiny_model("gpt_moe")
     ids = prompts(batch=1)
@@ -144,7 +209,7 @@ def simulate_cache(calls: list[list[int]], capacity: int, decay: float) -> tuple
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 8])
 @pytest.mark.parametrize("kind", ["nvme", "nvme-copy"])
-def test_cache_hits_follow_the_policy(capacity, kind, tmp_path):
+def test_cache_hits_follow_the_policy(capacity, kind, backend, tmp_path):
     config = GPTMoEConfig.from_preset("tiny-moe", vocab_size=96, num_hidden_layers=4, num_experts=8)
     torch.manual_seed(0)
     model = GPTMoEForCausalLM(config).eval()

@@ -16,17 +16,19 @@ frequent stays (the frequency prior). While a MoE layer computes, the next MoE l
 weight) is applied to the current hidden states and its likely experts are fetched into its cache: a wrong guess costs
 bandwidth, never correctness.
 
-On the CPU execution device with an NVMe store whose pages are mapped (`map_files`), the layer's experts region is
-mapped once without its pages; fetching an expert maps its pages (`MADV_POPULATE_READ`), evicting it unmaps them
-(`MADV_DONTNEED`): the weights are views of that mapping with the original expert ids, and nothing is copied. Elsewhere
-(the CPU store, copied or `O_DIRECT` NVMe reads, CUDA) an expert is one read into a row of the layer's cache buffer
-(pinned staging and a copy stream on CUDA), and the routed rows are gathered into one compact weight for the call
-(none when one expert is routed or the cache holds the whole layer).
+On the CPU execution device a layer's whole experts region is reserved once as virtual memory (a private mapping of
+the NVMe store file when its pages are mapped, else anonymous memory) and only the pages of fetched experts are
+resident: fetching maps the expert's pages from the page cache (`MADV_POPULATE_READ`) or reads it into its rows,
+evicting unmaps them (`MADV_DONTNEED`). The weights are views of the whole region with the original expert ids:
+nothing is gathered or renumbered. On CUDA an expert is one read into a row of the layer's cache buffer (pinned
+staging and a copy stream), and the routed rows are gathered into one compact weight for the call (a device copy;
+none when one expert is routed or the cache holds the whole layer), the expert ids renumbered to match.
 """
 
 from __future__ import annotations
 
 import itertools
+import mmap
 import time
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
@@ -214,31 +216,49 @@ class _ExpertLayer:
         self.resident.clear()
 
 
-class _MappedExperts(_ExpertLayer):
-    """CPU execution device, NVMe store mapped: the experts region mapped once, experts' pages mapped on demand."""
+class _VirtualExperts(_ExpertLayer):
+    """CPU execution device: the layer's whole experts region is reserved once as virtual memory, and only the pages
+    of fetched experts are resident. With a mapped NVMe store it is a private mapping of the store file (fetching maps
+    the expert's pages, `MADV_POPULATE_READ`: zero-copy from the page cache); otherwise an anonymous mapping (fetching
+    reads or copies the expert into its rows). Evicting unmaps the pages (`MADV_DONTNEED`). The weights are views of
+    the whole region, so the model's implementation runs with the original expert ids: no gather, no renumbering."""
 
     def __init__(self, state, module, plan, layout, implementation):
         super().__init__(state, module, plan, layout, implementation)
-        store = state.store
-        region = ReadRange(plan.key, layout.offset, 0, layout.num_experts * layout.stride)
-        self.mapping, self.base, data = store.map_lazily(region)
-        self.views = layout.views(data, layout.num_experts)
+        self.file_backed = state.pipeline.map_files and not isinstance(state.store, CpuStore)
+        nbytes = layout.num_experts * layout.stride
+        if self.file_backed:
+            region = ReadRange(plan.key, layout.offset, 0, nbytes)
+            self.mapping, self.base, self.data = state.store.map_lazily(region)
+        else:
+            self.mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.base, self.data = 0, torch.frombuffer(self.mapping, dtype=torch.uint8)
+        self.views = layout.views(self.data, layout.num_experts)
         self.transient: list[int] = []
 
+    def _load(self, expert: int) -> None:
+        """On an I/O thread: make one expert's pages resident."""
+        stride = self.layout.stride
+        if self.file_backed:
+            self.state.store.populate(self.mapping, self.base + expert * stride, self.layout.nbytes)
+            return
+        rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
+        self.state.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
+
     def _start_fetch(self, expert: int) -> None:
-        store = self.state.store
-        start = self.base + expert * self.layout.stride
-        self.resident[expert] = -1
-        self.pending[expert] = self.state.pipeline._io.submit(store.populate, self.mapping, start, self.layout.nbytes)
+        self.resident[expert] = expert
+        self.pending[expert] = self.state.pipeline._io.submit(self._load, expert)
         self._count_fetch()
 
     def _evict(self, expert: int) -> None:
-        self.pending.pop(expert, None)
+        future = self.pending.pop(expert, None)
+        if future is not None:
+            wait([future])  # a read still writing would map the pages again (its error no longer matters)
         del self.resident[expert]
-        self.state.store.drop(self.mapping, self.base + expert * self.layout.stride, self.layout.nbytes)
+        self.mapping.madvise(mmap.MADV_DONTNEED, self.base + expert * self.layout.stride, self.layout.nbytes)
 
     def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
-        for expert in uncached:  # no room in the cache: mapped for this call, unmapped after it
+        for expert in uncached:  # no room in the cache: resident for this call, unmapped after it
             self._start_fetch(expert)
         self.transient = uncached
         self._wait(routed)
@@ -256,11 +276,14 @@ class _MappedExperts(_ExpertLayer):
     def close(self) -> None:
         super().close()
         self.views = []
+        self.data = None
         # the mapping closes with the last view of it (a parameter the caller may still hold would keep it)
 
 
-class _CopiedExperts(_ExpertLayer):
-    """Experts read (or copied) into rows of a per-layer cache buffer on the execution device."""
+class _CompactExperts(_ExpertLayer):
+    """CUDA execution device: experts read (or copied) into rows of a per-layer cache buffer on the device, and the
+    routed rows gathered into one compact weight per call (a device-to-device copy; none when one expert is routed or
+    the cache holds the whole layer), the expert ids renumbered to match."""
 
     def __init__(self, state, module, plan, layout, implementation):
         super().__init__(state, module, plan, layout, implementation)
@@ -275,8 +298,9 @@ class _CopiedExperts(_ExpertLayer):
             self.free_event = torch.cuda.Event()  # the compute stream is done with the cache rows
             self.free_event.record(torch.cuda.current_stream(self.device))
 
-    def _read(self, expert: int, dst: torch.Tensor) -> None:
-        """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread."""
+    def _read(self, expert: int, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread. On CUDA the copy
+        waits for `after` (default: the layer's last use of its cache rows) on the compute stream."""
         store = self.state.store
         rng = ReadRange(self.plan.key, self.layout.offset + expert * self.stride, 0, self.layout.nbytes)
         if not self.cuda:
@@ -287,7 +311,7 @@ class _CopiedExperts(_ExpertLayer):
         staging = None
         try:
             with torch.cuda.stream(copy_stream):
-                copy_stream.wait_event(self.free_event)  # rows the compute stream may still read
+                copy_stream.wait_event(after or self.free_event)  # memory the compute stream may still read
                 if isinstance(store, CpuStore) and store.pinned:
                     store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
                 else:
@@ -327,9 +351,14 @@ class _CopiedExperts(_ExpertLayer):
         else:
             count = len(routed)
             scratch = _aligned_empty(count * self.stride, self.device)
+            allocated = None
+            if self.cuda and uncached:  # the allocator may hand out memory that queued kernels still read
+                allocated = torch.cuda.Event()
+                allocated.record(torch.cuda.current_stream(self.device))
             position = {expert: j for j, expert in enumerate(routed)}
             direct = [
-                self.state.pipeline._io.submit(self._read, e, scratch[position[e] * self.stride :]) for e in uncached
+                self.state.pipeline._io.submit(self._read, e, scratch[position[e] * self.stride :], allocated)
+                for e in uncached
             ]
             for _ in uncached:
                 self._count_fetch()
@@ -387,15 +416,18 @@ def _router_name(state: _OffloadState, experts_name: str, num_experts: int, hidd
     return None
 
 
+def _backend(device: torch.device) -> type[_ExpertLayer]:
+    return _VirtualExperts if device.type == "cpu" else _CompactExperts
+
+
 def attach_experts(state: _OffloadState) -> list[_ExpertLayer]:
     """Build the expert layers of an offloaded model and switch its experts implementation to routed fetching."""
-    mapped = state.pipeline.map_files and not isinstance(state.store, CpuStore)
+    cls = _backend(state.device)
     layers: list[_ExpertLayer] = []
     for plan in state.plans:
         for layout in plan.experts:
             module = state.experts_modules[layout.group.module]
             implementation = module.config._experts_implementation
-            cls = _MappedExperts if mapped else _CopiedExperts
             layers.append(cls(state, module, plan, layout, implementation))
     for layer, following in itertools.pairwise(layers):
         layer.next = following
@@ -408,8 +440,7 @@ def attach_experts(state: _OffloadState) -> list[_ExpertLayer]:
         name = _router_name(state, layer.layout.group.module, layer.num_experts, hidden)
         if name is not None and state.config.speculative_prefetch:
             layer.router_weight = state.read_tensor(name).float().to(state.device)
-        if isinstance(layer, _CopiedExperts):
-            state.pipeline.stats.expert_cache_bytes += layer.cache.numel()
+        state.pipeline.stats.expert_cache_bytes += layer.capacity * layer.layout.stride
         setattr(layer.module, _LAYER_ATTR, layer)
     for layer in layers:
         layer.module.config._experts_implementation_internal = IMPLEMENTATION

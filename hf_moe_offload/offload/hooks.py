@@ -327,6 +327,12 @@ class _OffloadState:
             self.release(unit)
         self.pipeline.stats.forward_passes += 1
         if self.expert_layers:
+            group = self.pipeline.group
+            if group is not None and num_tokens is not None:
+                # every process must fetch the same plans (their reads are all-gathered): decide on the largest batch
+                count = torch.tensor([num_tokens], device=self.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=group)
+                num_tokens = int(count.item())
             routed = num_tokens is not None and self.expected_experts_fraction(num_tokens) <= (
                 self.config.expert_break_even
             )
