@@ -21,7 +21,8 @@ tokenizer offline; the weights are random, so routing has no learned structure).
 only: batch x (new_tokens - 1) / time from the first to the last new token. "Active bytes" are what one token at
 batch 1 needs: every dense unit (attention, norms, routers, dense FFNs, the LM head), k experts per MoE layer and one
 row per embedding table. Hit rate and speculation recall are measured over --trace-prompts prompts of --trace-tokens
-new tokens each at batch 1 (systems "routed" and "routed-nospec").
+new tokens each at batch 1 (systems "routed" and "routed-nospec"). The prefill is timed on --prefill-batch prompts of
+--prefill-tokens tokens (the whole generate call with one new token).
 
     python benchmarks/moe_offload.py                                    # everything (about 30 minutes on 2 cores)
     python benchmarks/moe_offload.py --systems routed all --batch-sizes 1
@@ -217,6 +218,22 @@ def child(args) -> None:
             "tokens_digest": hash(tuple(tokens[:, -args.new_tokens :].reshape(-1).tolist())),
         }
         print("RESULT " + json.dumps(result), flush=True)
+    if args.prefill_tokens:
+        prompts = stdlib_prompts(args.prefill_batch, args.prefill_tokens, seed=7)
+        get_offload_stats(model, reset=True)
+        start = time.perf_counter()
+        generate(prompts, 1)
+        seconds = time.perf_counter() - start
+        stats = get_offload_stats(model)
+        result = {
+            "system": system,
+            "experts": args.experts,
+            "prefill": args.prefill_batch * args.prefill_tokens,
+            "seconds": seconds,
+            "gb_fetched": stats.bytes_fetched / 1e9,
+            "whole_layer_steps": stats.whole_layer_forwards,
+        }
+        print("RESULT " + json.dumps(result), flush=True)
     if args.trace_prompts and system in ("routed", "routed-nospec"):  # routing alone decides these counts
         get_offload_stats(model, reset=True)
         start = time.perf_counter()
@@ -244,6 +261,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing (0: none)")
+    parser.add_argument("--prefill-batch", type=int, default=4)
     parser.add_argument("--trace-prompts", type=int, default=8)
     parser.add_argument("--trace-tokens", type=int, default=32)
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
@@ -266,7 +285,9 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", system, "--experts", str(args.experts),
                    "--work-dir", args.work_dir, "--new-tokens", str(args.new_tokens),
                    "--prompt-length", str(args.prompt_length), "--trace-prompts", str(args.trace_prompts),
-                   "--trace-tokens", str(args.trace_tokens), "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
+                   "--trace-tokens", str(args.trace_tokens), "--prefill-tokens", str(args.prefill_tokens),
+                   "--prefill-batch", str(args.prefill_batch),
+                   "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
             print(f"{system}: failed\n{run.stderr[-3000:]}", flush=True)
@@ -275,6 +296,13 @@ def main() -> None:
                 continue
             row = json.loads(line[7:])
             results.append(row)
+            if "prefill" in row:
+                print(
+                    f"{system:22s} prefill of {row['prefill']} tokens: {row['seconds']:.2f} s, "
+                    f"{row['gb_fetched']:.2f} GB fetched, whole-layer forwards {row['whole_layer_steps']}",
+                    flush=True,
+                )
+                continue
             if row.get("trace"):
                 print(
                     f"{system:22s} trace: hit rate {row['hit_rate']:.2f}, speculation precision "
@@ -289,7 +317,7 @@ def main() -> None:
                 f"peak RSS {row['peak_rss_gb']:.2f} GB",
                 flush=True,
             )
-    rows = [r for r in results if not r.get("trace")]
+    rows = [r for r in results if not r.get("trace") and "prefill" not in r]
     print(
         "\n| system | batch | tokens/s | x all | GB fetched/step | x active bytes | hit rate | stalled | peak RSS GB |"
     )

@@ -136,9 +136,11 @@ def test_offloaded_generate_and_logits_equal_in_memory(arch, kind, depth, tmp_pa
     offloaded_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     stats = get_offload_stats(model)
     direct = model._hf_moe_offload_state.store.direct_io
+    mapped = model._hf_moe_offload_state.pipeline.map_files
     disable_offload(model)
 
     assert direct == (kind == "nvme-direct")  # O_DIRECT was used, not silently replaced by buffered reads
+    assert mapped == (kind == "nvme")  # pages mapped exactly where asked (the CPU device's default)
     assert torch.equal(offloaded_logits, logits)  # same kernels on the same bytes: bit for bit
     assert torch.equal(offloaded_tokens, tokens)
     assert stats.peak_resident_units <= depth + 1

@@ -271,7 +271,7 @@ def test_store_file_truncated_while_running_raises_never_wrong_tokens(map_files,
 # -- failures while running ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("map_files", "method", "thread"), [(False, "read", "io"), (True, "map_range", "fetch")])
+@pytest.mark.parametrize(("map_files", "method", "thread"), [(False, "read", "io"), (True, "populate_run", "fetch")])
 def test_reader_thread_exception_surfaces_in_the_caller(map_files, method, thread, tmp_path, llama_and_tokens):
     model, tokens = llama_and_tokens
     enable_offload(model, nvme(tmp_path, prefetch_depth=2, io_threads=2, map_files=map_files))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .store import ALIGN, CpuStore, ExpertLayout, ReadRange, UnitPlan
+from .store import ALIGN, CpuStore, ExpertLayout, ReadRange, UnitPlan, madvise
 
 
 if TYPE_CHECKING:
@@ -228,20 +228,23 @@ class _VirtualExperts(_ExpertLayer):
         self.file_backed = state.pipeline.map_files and not isinstance(state.store, CpuStore)
         nbytes = layout.num_experts * layout.stride
         if self.file_backed:
-            region = ReadRange(plan.key, layout.offset, 0, nbytes)
-            self.mapping, self.base, self.data = state.store.map_lazily(region)
+            self.data = state.store.map_lazily(ReadRange(plan.key, layout.offset, 0, nbytes))
         else:
-            self.mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self.base, self.data = 0, torch.frombuffer(self.mapping, dtype=torch.uint8)
+            anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.data = torch.frombuffer(anonymous, dtype=torch.uint8)  # the mapping lives as long as its views
         self.views = layout.views(self.data, layout.num_experts)
         self.transient: list[int] = []
 
+    def _pages(self, expert: int) -> torch.Tensor:
+        start = expert * self.layout.stride
+        return self.data[start : start + self.layout.nbytes]
+
     def _load(self, expert: int) -> None:
         """On an I/O thread: make one expert's pages resident."""
-        stride = self.layout.stride
         if self.file_backed:
-            self.state.store.populate(self.mapping, self.base + expert * stride, self.layout.nbytes)
+            self.state.store.populate(self._pages(expert))
             return
+        stride = self.layout.stride
         rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
         self.state.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
 
@@ -255,7 +258,8 @@ class _VirtualExperts(_ExpertLayer):
         if future is not None:
             wait([future])  # a read still writing would map the pages again (its error no longer matters)
         del self.resident[expert]
-        self.mapping.madvise(mmap.MADV_DONTNEED, self.base + expert * self.layout.stride, self.layout.nbytes)
+        start = expert * self.layout.stride
+        madvise(self.data[start : start + self.layout.stride], mmap.MADV_DONTNEED)
 
     def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
         for expert in uncached:  # no room in the cache: resident for this call, unmapped after it

@@ -236,17 +236,22 @@ class _OffloadState:
 
     def _unit_views(self, unit: int, slot) -> list[tuple[str, nn.Parameter]]:
         plan = slot.plan
-        if slot.mapped is not None:  # a fresh mapping each fetch: views are made each time and unmap with it
-
-            def region(offset: int, nbytes: int) -> torch.Tensor:
-                start, data = next((s, d) for s, d in slot.mapped if s <= offset < s + d.numel())
-                return data[offset - start : offset - start + nbytes]
-
-            return self._views_of(plan, region)
-        key = (unit, slot.index, id(plan))
+        mapped = slot.mapped is not None  # the plan's mapping, the same at every fetch: views made once per plan
+        key = (unit, -1 if mapped else slot.index, id(plan))
         views = self._views.get(key)
         if views is None:
-            views = self._views_of(plan, lambda offset, nbytes: slot.buffer[offset : offset + nbytes])
+            if mapped:
+
+                def region(offset: int, nbytes: int) -> torch.Tensor:
+                    start, data = next((s, d) for s, d in slot.mapped if s <= offset < s + d.numel())
+                    return data[offset - start : offset - start + nbytes]
+
+            else:
+
+                def region(offset: int, nbytes: int) -> torch.Tensor:
+                    return slot.buffer[offset : offset + nbytes]
+
+            views = self._views_of(plan, region)
             self._views[key] = views
         return views
 

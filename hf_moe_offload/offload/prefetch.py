@@ -15,6 +15,7 @@ and an all-gather assembles it. Any exception of a reader thread is raised again
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections import deque
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .store import ALIGN, CpuStore, UnitPlan, align_up
+from .store import ALIGN, CpuStore, MappedRun, UnitPlan, align_up, madvise
 
 
 @dataclass
@@ -99,6 +100,7 @@ class _Slot:
         self.bound = False
         # memory-mapped mode: (offset in the unit, uint8 tensor) for each range of the unit held, no buffer
         self.mapped: list[tuple[int, torch.Tensor]] | None = None
+        self.runs: list[MappedRun] = []
         if mapped:
             self.buffer = self.staging = None
         elif device.type == "cpu":
@@ -148,7 +150,7 @@ class FetchPipeline:
         self._payload = {id(p): sum(r.nbytes for r in p.ranges) for p in every}
         slot_bytes = max(self._share[id(p)] * self.world for p in plans)
         direct_copy = isinstance(store, CpuStore) and self.world == 1
-        self.map_files = map_files and device.type == "cpu" and self.world == 1 and hasattr(store, "map_range")
+        self.map_files = map_files and device.type == "cpu" and self.world == 1 and hasattr(store, "map_runs")
         self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin, self.map_files) for i in range(depth + 1)]
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.free: deque[_Slot] = deque(self.slots)
@@ -157,6 +159,7 @@ class FetchPipeline:
         self.recording: list[int] = []
         self.pos = -1
         self.stats = OffloadStats(slot_bytes=0 if self.map_files else slot_bytes * len(self.slots))
+        self._mappings: dict[int, tuple[list[MappedRun], list[tuple[int, torch.Tensor]]]] = {}
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="hf_moe_offload-io")
         self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
 
@@ -201,8 +204,15 @@ class FetchPipeline:
 
     def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
         if self.map_files:
-            views = self.store.map_ranges(plan.ranges)
-            slot.mapped = [(rng.dst_offset, view) for rng, view in zip(plan.ranges, views, strict=True)]
+            # each plan's ranges are mapped once; a fetch maps their pages, freeing the slot unmaps them
+            entry = self._mappings.get(id(plan))
+            if entry is None:
+                runs, views = self.store.map_runs(plan.ranges)
+                entry = (runs, [(rng.dst_offset, view) for rng, view in zip(plan.ranges, views, strict=True)])
+                self._mappings[id(plan)] = entry
+            for run in entry[0]:
+                self.store.populate_run(run)
+            slot.runs, slot.mapped = entry
             return
         if self.device.type == "cpu":
             self._read_ranges(plan, slot.buffer)
@@ -234,12 +244,18 @@ class FetchPipeline:
 
     # -- the computing thread ---------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _unmap_pages(runs: list[MappedRun]) -> None:
+        for run in runs:
+            madvise(run.data, mmap.MADV_DONTNEED)
+
     def _free_slot(self, slot: _Slot) -> None:
         self.resident.pop(slot.unit, None)
-        if slot.mapped:
-            # the last reference to a mapping unmaps it, which takes milliseconds for a large unit: not here
-            self._io.submit(slot.mapped.clear)
-        slot.unit, slot.plan, slot.future, slot.bound, slot.mapped = None, None, None, False, None
+        if slot.runs:
+            # off this thread (a large unit takes milliseconds), in order with the fetches (a later fetch of the same
+            # unit maps its pages again after this)
+            self._coordinator.submit(self._unmap_pages, slot.runs)
+        slot.unit, slot.plan, slot.future, slot.bound, slot.mapped, slot.runs = None, None, None, False, None, []
         self.free.append(slot)
 
     def drain(self) -> None:

@@ -21,6 +21,7 @@ region (read at once when every expert is wanted). In the safetensors files the 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -61,6 +62,26 @@ SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+
+
+def madvise(data: torch.Tensor, advice: int) -> None:
+    """madvise(2) on the pages under the CPU tensor `data`, without the GIL (`mmap.madvise` holds it for the whole
+    call: populating a unit's pages on an I/O thread would stop the computing thread). `MADV_DONTNEED` covers only the
+    pages entirely inside `data` (a neighbour's bytes are never dropped); other advice every page it touches."""
+    start, end = data.data_ptr(), data.data_ptr() + data.numel() * data.element_size()
+    page = mmap.PAGESIZE
+    if advice == mmap.MADV_DONTNEED:
+        start, end = align_up(start, page), end - end % page
+    else:
+        start, end = start - start % page, align_up(end, page)
+    if end > start and _libc.madvise(start, end - start, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def align_up(n: int, alignment: int = ALIGN) -> int:
@@ -340,6 +361,15 @@ def read_safetensors_header(path: str) -> tuple[int, dict]:
     return 8 + length, json.loads(raw)
 
 
+@dataclass
+class MappedRun:
+    """Adjacent ranges of one store file mapped once: `data` views them, `end` is the file offset past their end."""
+
+    source: str
+    end: int
+    data: torch.Tensor
+
+
 class _FileStore:
     """Reads `ReadRange`s from files with `pread` (from I/O threads; `os.preadv` releases the GIL)."""
 
@@ -403,21 +433,23 @@ class _FileStore:
         with self._lock:
             self.read_bytes += want
 
-    def map_ranges(self, ranges: list[ReadRange]) -> list[torch.Tensor]:
-        """`map_range` for several ranges, one mapping per run of ranges that are adjacent in one file (a
-        checkpoint's tensors of one block usually are): every mapping and unmapping costs a TLB shootdown."""
+    def map_runs(self, ranges: list[ReadRange]) -> tuple[list[MappedRun], list[torch.Tensor]]:
+        """Map `ranges` once, with no page resident yet: one mapping per run of ranges adjacent in one file (a
+        checkpoint's tensors of one block usually are). Returns the runs (to `populate_run` before each use and drop
+        after) and a view per range."""
         views: list[torch.Tensor | None] = [None] * len(ranges)
+        runs: list[MappedRun] = []
         order = sorted(range(len(ranges)), key=lambda i: (ranges[i].source, ranges[i].src_offset))
         run: list[int] = []
 
         def flush() -> None:
             first, last = ranges[run[0]], max((ranges[i] for i in run), key=lambda r: r.src_offset + r.nbytes)
-            span = self.map_range(
-                ReadRange(first.source, first.src_offset, 0, last.src_offset + last.nbytes - first.src_offset)
-            )
+            span = ReadRange(first.source, first.src_offset, 0, last.src_offset + last.nbytes - first.src_offset)
+            data = self._map(span)
+            runs.append(MappedRun(span.source, self._data_start[span.source] + span.src_offset + span.nbytes, data))
             for i in run:
                 start = ranges[i].src_offset - first.src_offset
-                views[i] = span[start : start + ranges[i].nbytes]
+                views[i] = data[start : start + ranges[i].nbytes]
 
         for i in order:
             if run:
@@ -429,11 +461,20 @@ class _FileStore:
             run.append(i)
         if run:
             flush()
-        return views
+        return runs, views
 
-    def map_lazily(self, rng: ReadRange) -> tuple[mmap.mmap, int, torch.Tensor]:
-        """A private mapping of `rng` whose pages are mapped only when touched or populated: (the mapping, the offset
-        of the range in it, the range as a uint8 tensor). `populate`/`drop` map and unmap parts of it."""
+    def populate_run(self, run: MappedRun) -> None:
+        """Map the pages of a run now (zero-copy from the page cache; read from the disk first when not there)."""
+        if os.fstat(self._fd(run.source, False)).st_size < run.end:
+            raise RuntimeError(
+                f"NVMe store file {self._paths[run.source]} is truncated: byte {run.end - 1} is past its end; delete "
+                f"{self.path} to rebuild the store"
+            )
+        self.populate(run.data)
+
+    def _map(self, rng: ReadRange) -> torch.Tensor:
+        """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet (the mapping goes away with
+        the last tensor viewing it; private: a write could never reach the file)."""
         path = self._paths[rng.source]
         start = self._data_start[rng.source] + rng.src_offset
         base = start - start % mmap.ALLOCATIONGRANULARITY
@@ -446,49 +487,21 @@ class _FileStore:
         mapping = mmap.mmap(
             fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
         )
-        data = torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
-        return mapping, start - base, data
-
-    def populate(self, mapping: mmap.mmap, start: int, nbytes: int) -> None:
-        """Map the pages of `nbytes` at `start` (page aligned) of a `map_lazily` mapping now, reading them from the
-        file when they are not in the page cache."""
-        try:
-            mapping.madvise(_MADV_POPULATE_READ, start, nbytes)
-        except OSError:
-            mapping.madvise(mmap.MADV_WILLNEED, start, nbytes)
-        with self._lock:
-            self.read_bytes += nbytes
-
-    @staticmethod
-    def drop(mapping: mmap.mmap, start: int, nbytes: int) -> None:
-        """Unmap those pages again (never written: a later touch maps them from the file again)."""
-        mapping.madvise(mmap.MADV_DONTNEED, start, nbytes)
-
-    def map_range(self, rng: ReadRange) -> torch.Tensor:
-        """The bytes of `rng` as a uint8 CPU tensor over a private memory map of the file, its pages mapped now.
-
-        Zero-copy for the CPU execution device: the pages come straight from the page cache (read from disk first
-        if they are not there), nothing is copied. The mapping is private (a write could never reach the file) and
-        goes away with the last tensor viewing it."""
-        path = self._paths[rng.source]
-        start = self._data_start[rng.source] + rng.src_offset
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        fd = self._fd(rng.source, False)
-        if os.fstat(fd).st_size < start + rng.nbytes:
-            raise RuntimeError(
-                f"NVMe store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; delete "
-                f"{self.path} to rebuild the store"
-            )
-        mapping = mmap.mmap(
-            fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
-        )
-        try:
-            mapping.madvise(_MADV_POPULATE_READ)  # map every page now (Linux >= 5.14), not at first touch
-        except OSError:
-            mapping.madvise(mmap.MADV_WILLNEED)
-        with self._lock:
-            self.read_bytes += rng.nbytes
         return torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
+
+    def map_lazily(self, rng: ReadRange) -> torch.Tensor:
+        """`rng` mapped with no page resident: `populate` and `madvise(..., MADV_DONTNEED)` map and unmap parts."""
+        return self._map(rng)
+
+    def populate(self, data: torch.Tensor) -> None:
+        """Map the pages under `data` (a view of a mapping) now, reading them from the file when they are not in the
+        page cache (Linux >= 5.14; before, only a read-ahead hint)."""
+        try:
+            madvise(data, _MADV_POPULATE_READ)
+        except OSError:
+            madvise(data, mmap.MADV_WILLNEED)
+        with self._lock:
+            self.read_bytes += data.numel()
 
     def tensors(self, plan: UnitPlan) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """The unit's own tensors read into fresh CPU tensors (used to put weights back)."""
