@@ -159,6 +159,19 @@ def child(args) -> None:
     from hf_moe_offload import get_offload_stats, load_offloaded
 
     system = args.child
+    if args.routing == "uniform":
+        from hf_moe_offload.gpt_moe import modeling_gpt_moe
+
+        generator = torch.Generator().manual_seed(0)
+        original = modeling_gpt_moe.GPTMoERouter.forward
+
+        def uniform(self, hidden_states):
+            # a perfectly balanced router (the worst case for routed fetching): each token picks uniformly
+            logits, (weights, index) = original(self, hidden_states)
+            index = torch.randint(self.num_experts, index.shape, generator=generator)
+            return logits, (weights, index)
+
+        modeling_gpt_moe.GPTMoERouter.forward = uniform
     path = checkpoint(args.work_dir, args.experts)
     store = os.path.join(args.work_dir, f"store-350m-moe{args.experts}-bfloat16")
     load_start = time.perf_counter()
@@ -263,6 +276,12 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing (0: none)")
     parser.add_argument("--prefill-batch", type=int, default=4)
+    parser.add_argument(
+        "--routing",
+        choices=["model", "uniform"],
+        default="model",
+        help="'uniform': every token picks a uniformly random expert (balanced routing)",
+    )
     parser.add_argument("--trace-prompts", type=int, default=8)
     parser.add_argument("--trace-tokens", type=int, default=32)
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
@@ -286,7 +305,7 @@ def main() -> None:
                    "--work-dir", args.work_dir, "--new-tokens", str(args.new_tokens),
                    "--prompt-length", str(args.prompt_length), "--trace-prompts", str(args.trace_prompts),
                    "--trace-tokens", str(args.trace_tokens), "--prefill-tokens", str(args.prefill_tokens),
-                   "--prefill-batch", str(args.prefill_batch),
+                   "--prefill-batch", str(args.prefill_batch), "--routing", args.routing,
                    "--batch-sizes", *map(str, args.batch_sizes)]  # fmt: skip
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:

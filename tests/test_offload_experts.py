@@ -251,17 +251,37 @@ def test_speculation_counts_and_wrong_guesses_change_nothing(tmp_path):
     disable_offload(model)
 
 
-def test_whole_layers_stream_above_the_break_even(tmp_path):
+def test_whole_layers_stream_when_a_size_measured_above_the_break_even(tmp_path):
     model = tiny_model("gpt_moe")  # 8 experts, top-1
-    ids = prompts(batch=2, seq=5)  # prefill: 10 tokens touch 1 - (7/8)**10 = 74% of the experts
+    ids = prompts(batch=2, seq=5)  # 10 tokens
+    with torch.no_grad():
+        logits = model(ids).logits
+    _, trace = routed_trace(model, ids, max_new_tokens=1)
+    touched = sum(len(calls[0]) / 8 for calls in trace) / len(trace)  # what the 10-token forward touches
     tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
-    enable_offload(model, store_config("nvme", tmp_path, 1, expert_break_even=0.5))
+    enable_offload(model, store_config("nvme", tmp_path, 1, expert_break_even=touched - 0.01))
+    state = model._hf_moe_offload_state
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)  # the first 10-token forward runs routed and measures
+    assert state.touched == {4: pytest.approx(touched)} and get_offload_stats(model).whole_layer_forwards == 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)  # measured above the break-even: whole layers
+    assert get_offload_stats(model, reset=True).whole_layer_forwards == 1
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
     stats = get_offload_stats(model)
-    state = model._hf_moe_offload_state
-    assert state.expected_experts_fraction(10) == pytest.approx(1 - (7 / 8) ** 10)
-    assert stats.whole_layer_forwards == 1  # the prefill; the 3 decoding steps (2 tokens, 23%) fetch routed experts
+    assert stats.whole_layer_forwards == 1  # the prefill; the 2-token decoding steps are a new size: routed
     assert stats.expert_cache_misses + stats.expert_cache_hits > 0
+    disable_offload(model)
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "expected"),
+    [("nvme", None, 1.0), ("nvme-copy", None, 0.6), ("cpu", None, 0.6), ("nvme", 0.3, 0.3)],
+)
+def test_break_even_defaults_to_the_read_path_measurement(kind, given, expected, tmp_path):
+    model = tiny_model("gpt_moe")
+    enable_offload(model, store_config(kind, tmp_path, 1, expert_break_even=given))
+    assert model._hf_moe_offload_state.break_even == expected
     disable_offload(model)
 
 

@@ -41,19 +41,23 @@ class OffloadConfig:
             all-gather it (ZeRO-Inference's multi-GPU fetch). `None`: on when a group with several processes exists.
         expert_fetch: how the experts of MoE layers (the transformers v5 fused layout: Mixtral, Qwen2-MoE, OLMoE,
             GPT-MoE, ...) are fetched. `"routed"`: the dense part of a block (attention, norms, router, shared
-            experts) streams with the block, the experts only once the router has picked them, and only those. A
-            forward expected to touch more than `expert_break_even` of a layer's experts (prefill, large batches)
-            streams whole layers instead. `"all"`: every expert of every layer, always (ZeRO-Inference's behaviour).
-            No effect on dense models.
+            experts) streams with the block, the experts only once the router has picked them, and only those; a
+            forward whose size touched more than `expert_break_even` of the experts streams whole layers instead.
+            `"all"`: every expert of every layer, always (ZeRO-Inference's behaviour). No effect on dense models.
         expert_cache_size: experts of each MoE layer kept on the execution device between steps (an LRU with a
             frequency prior); 0 keeps none. Capped at the layer's number of experts, which keeps every expert once
             fetched.
         speculative_prefetch: while a MoE layer computes, apply the next MoE layer's router to its hidden states and
             start fetching the experts it would pick into that layer's cache (needs `expert_cache_size > 0`). A wrong
             guess costs bandwidth only; precision and recall are in `get_offload_stats`.
-        expert_break_even: the expected fraction of a layer's experts a forward touches (from its token count, top-k
-            and number of experts) above which `"routed"` streams whole layers: there, one read per layer is as fast
-            as many expert reads and overlaps with compute (measured: `benchmarks/README.md`).
+        expert_break_even: with `"routed"`, the fraction of a layer's experts above which one read of the whole layer
+            (prefetched, overlapping the previous layer's compute) beats reading the routed experts one by one after
+            the router. The fraction a forward of a given size touches is measured on the first forward of that size
+            (token counts bucketed by powers of two) and remembered: larger forwards (prefill, large batches) switch
+            to whole layers only when the model's routing really touches that many experts. `None`: the measured
+            break-even of the store's read path: 1.0 (never switch) when NVMe pages are mapped on the CPU device,
+            where fetching fewer pages is never slower; 0.6 when experts are read into buffers (O_DIRECT, the CPU
+            store, CUDA): see `benchmarks/README.md`.
     """
 
     offload_device: str = "cpu"
@@ -70,7 +74,7 @@ class OffloadConfig:
     expert_fetch: str = "routed"
     expert_cache_size: int = 8
     speculative_prefetch: bool = True
-    expert_break_even: float = 0.5
+    expert_break_even: float | None = None
     chunk_bytes: int = field(default=16 << 20, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +93,11 @@ class OffloadConfig:
         size = self.expert_cache_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"expert_cache_size ({size!r}) must be an integer >= 0 (experts kept per MoE layer)")
-        if not isinstance(self.expert_break_even, (int, float)) or not 0.0 < self.expert_break_even <= 1.0:
+        if self.expert_break_even is not None and (
+            isinstance(self.expert_break_even, bool)
+            or not isinstance(self.expert_break_even, (int, float))
+            or not 0.0 < self.expert_break_even <= 1.0
+        ):
             raise ValueError(f"expert_break_even ({self.expert_break_even!r}) must be a fraction in (0, 1]")
         if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
             raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a positive multiple of 4096")

@@ -99,6 +99,7 @@ class _ExpertLayer:
         self.resident: dict[int, int] = {}  # expert -> cache row (-1 when the pages are mapped)
         self.pending: dict[int, Future] = {}
         self.guess: list[int] | None = None
+        self.touched: float | None = None  # fraction of the experts the last routed call used
         self.next: _ExpertLayer | None = None
         self.router_weight: torch.Tensor | None = None  # device copy of this layer's router, for speculation
 
@@ -118,6 +119,7 @@ class _ExpertLayer:
             return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
         stats = self.state.pipeline.stats
         routed = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]  # ascending
+        self.touched = len(routed) / self.num_experts
         if self.guess is not None:
             stats.speculated_correct += len(set(self.guess).intersection(routed))
             stats.speculated_needed += len(routed)

@@ -163,7 +163,7 @@ class _RootHook(ModelHook):
         return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=self.skip_keys)
 
     def post_forward(self, module, output):
-        self.state.pipeline.end_forward()
+        self.state.end_forward()
         return output
 
 
@@ -212,6 +212,10 @@ class _OffloadState:
         self.resident_names = [name for name in self.locations if name not in owned]
         self.plans = plan_units(unit_specs, groups)
         self.expert_layers: list = []
+        # the mean fraction of a layer's experts that forwards of 2**(bucket-1) to 2**bucket - 1 tokens touched
+        self.touched: dict[int, float] = {}
+        self.bucket = 0
+        self.break_even = 1.0
         self.expert_staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned buffers (CUDA)
         self.bound: dict[int, tuple[int, list[str]]] = {}  # unit -> (slot index, names bound)
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
@@ -332,27 +336,30 @@ class _OffloadState:
             self.release(unit)
         self.pipeline.stats.forward_passes += 1
         if self.expert_layers:
+            for layer in self.expert_layers:
+                layer.touched = None  # what an interrupted forward measured is not kept
+            self.bucket = num_tokens.bit_length() if num_tokens else 0
+            touched = self.touched.get(self.bucket)
+            # a size not seen yet runs routed once, which measures what it touches
+            routed = touched is None or touched <= self.break_even
             group = self.pipeline.group
-            if group is not None and num_tokens is not None:
-                # every process must fetch the same plans (their reads are all-gathered): decide on the largest batch
-                count = torch.tensor([num_tokens], device=self.device)
-                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=group)
-                num_tokens = int(count.item())
-            routed = num_tokens is not None and self.expected_experts_fraction(num_tokens) <= (
-                self.config.expert_break_even
-            )
+            if group is not None:  # every process must fetch the same plans (their reads are all-gathered)
+                flag = torch.tensor([int(routed)], device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+                routed = bool(flag.item())
             self.pipeline.set_routed(routed)
             if not routed:
                 self.pipeline.stats.whole_layer_forwards += 1
 
-    def expected_experts_fraction(self, num_tokens: int) -> float:
-        """The fraction of a MoE layer's experts that `num_tokens` tokens routed uniformly at random touch,
-        `1 - (1 - k / E) ** tokens`, averaged over the layers."""
-        fractions = [
-            1.0 - (1.0 - min(layer.top_k, layer.num_experts) / layer.num_experts) ** num_tokens
-            for layer in self.expert_layers
-        ]
-        return sum(fractions) / len(fractions)
+    def end_forward(self) -> None:
+        self.pipeline.end_forward()
+        fractions = [layer.touched for layer in self.expert_layers if layer.touched is not None]
+        if fractions:
+            touched = sum(fractions) / len(fractions)
+            previous = self.touched.get(self.bucket)
+            self.touched[self.bucket] = touched if previous is None else (previous + touched) / 2
+            for layer in self.expert_layers:
+                layer.touched = None
 
     def stats(self) -> OffloadStats:
         stats = dataclasses.replace(self.pipeline.stats)
@@ -478,6 +485,9 @@ def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpo
             state.resident_bytes += buffer.numel() * buffer.element_size()
     if config.expert_fetch == "routed":
         state.expert_layers = attach_experts(state)
+        state.break_even = config.expert_break_even
+        if state.break_even is None:  # measured: benchmarks/README.md
+            state.break_even = 1.0 if state.pipeline.map_files else 0.6
     for index, (_, module) in enumerate(state.unit_modules):
         gather = type(module) is nn.Embedding and module.max_norm is None and len(state.plans[index].tensors) == 1
         add_hook_to_module(module, (_EmbeddingHook if gather else _UnitHook)(state, index))
