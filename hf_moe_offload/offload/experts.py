@@ -96,7 +96,7 @@ class _ExpertLayer:
         self.requires_grad = [state.requires_grad[name] for name in self.names]
         self.capacity = min(state.config.expert_cache_size, self.num_experts)
         self.score = torch.zeros(self.num_experts, dtype=torch.float64)
-        self.resident: dict[int, int] = {}  # expert -> cache row (-1 when the pages are mapped)
+        self.resident: dict[int, int] = {}  # expert -> its row in the layer's memory
         self.pending: dict[int, Future] = {}
         self.guess: list[int] | None = None
         self.touched: float | None = None  # fraction of the experts the last routed call used
@@ -182,17 +182,23 @@ class _ExpertLayer:
         stats.bytes_fetched += self.layout.nbytes
 
     def _wait(self, experts: list[int]) -> None:
-        futures = [self.pending.pop(e) for e in experts if e in self.pending]
-        if futures:
-            start = time.perf_counter()
-            wait(futures)
-            self.state.pipeline.stats.fetch_wait_seconds += time.perf_counter() - start
-            for future in futures:
-                future.result()  # a reader's exception is raised here
+        futures = {e: self.pending[e] for e in experts if e in self.pending}
+        if not futures:
+            return
+        start = time.perf_counter()
+        wait(futures.values())
+        self.state.pipeline.stats.fetch_wait_seconds += time.perf_counter() - start
+        failed = [e for e, future in futures.items() if future.exception() is not None]
+        for expert in failed:  # never left looking resident: a later call fetches it again
+            self._evict(expert)
+        for expert in futures:
+            self.pending.pop(expert, None)
+        if failed:
+            raise futures[failed[0]].exception()  # a reader's exception, raised in the caller
 
     def _bind(self, module: nn.Module, views: list[torch.Tensor]) -> None:
         for attr, view, grad in zip(self.attrs, views, self.requires_grad, strict=True):
-            module._parameters[attr] = nn.Parameter(view, requires_grad=grad)
+            module._parameters[attr] = view if isinstance(view, nn.Parameter) else nn.Parameter(view, grad)
 
     def _unbind(self, module: nn.Module) -> None:
         for name, attr in zip(self.names, self.attrs, strict=True):
@@ -234,7 +240,8 @@ class _VirtualExperts(_ExpertLayer):
         else:
             anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.data = torch.frombuffer(anonymous, dtype=torch.uint8)  # the mapping lives as long as its views
-        self.views = layout.views(self.data, layout.num_experts)
+        views = layout.views(self.data, layout.num_experts)
+        self.views = [nn.Parameter(v, grad) for v, grad in zip(views, self.requires_grad, strict=True)]
         self.transient: list[int] = []
 
     def _pages(self, expert: int) -> torch.Tensor:
@@ -259,7 +266,8 @@ class _VirtualExperts(_ExpertLayer):
         future = self.pending.pop(expert, None)
         if future is not None:
             wait([future])  # a read still writing would map the pages again (its error no longer matters)
-        del self.resident[expert]
+        if self.resident.pop(expert, None) is None:
+            return
         start = expert * self.layout.stride
         madvise(self.data[start : start + self.layout.stride], mmap.MADV_DONTNEED)
 
@@ -342,8 +350,10 @@ class _CompactExperts(_ExpertLayer):
     def _evict(self, expert: int) -> None:
         future = self.pending.pop(expert, None)
         if future is not None:
-            future.result()
-        self.free_rows.append(self.resident.pop(expert))
+            wait([future])  # the row is free once no read writes into it (its error no longer matters)
+        row = self.resident.pop(expert, None)
+        if row is not None and not self.identity:
+            self.free_rows.append(row)
 
     def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
         if self.identity:
