@@ -52,11 +52,12 @@ class OffloadConfig:
             guess costs bandwidth only; precision and recall are in `get_offload_stats`.
         expert_break_even: with `"routed"`, the fraction of a layer's experts above which one read of the whole layer
             (prefetched, overlapping the previous layer's compute) beats reading the routed experts one by one after
-            the router. The fraction a forward of a given size touches is measured on the first forward of that size
-            (token counts bucketed by powers of two) and remembered: larger forwards (prefill, large batches) switch
-            to whole layers only when the model's routing really touches that many experts. `None`: the measured
+            the router. Every forward measures the fraction it touched, remembered per size (token counts bucketed by
+            powers of two); a size not seen yet is judged by what uniform routing would touch (`1 - (1 - k/E)^tokens`).
+            So prefill and large batches stream whole layers only while the model's routing really touches that
+            many experts (a skewed router keeps them routed from the second forward of a size on). `None`: the measured
             break-even of the store's read path: 1.0 (never switch) when NVMe pages are mapped on the CPU device,
-            where fetching fewer pages is never slower; 0.6 when experts are read into buffers (O_DIRECT, the CPU
+            where fetching fewer pages is never slower; 0.75 when experts are read into buffers (O_DIRECT, the CPU
             store, CUDA): see `benchmarks/README.md`.
     """
 

@@ -116,6 +116,7 @@ class _ExpertLayer:
         self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if not self.state.pipeline.routed:  # a whole-layer forward: the unit bound every expert
+            self.touched = int((top_k_index.unique() < self.num_experts).sum()) / self.num_experts
             return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
         stats = self.state.pipeline.stats
         routed = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]  # ascending

@@ -340,8 +340,9 @@ class _OffloadState:
                 layer.touched = None  # what an interrupted forward measured is not kept
             self.bucket = num_tokens.bit_length() if num_tokens else 0
             touched = self.touched.get(self.bucket)
-            # a size not seen yet runs routed once, which measures what it touches
-            routed = touched is None or touched <= self.break_even
+            if touched is None:  # a size not seen yet: what uniform routing would touch (every forward measures)
+                touched = self.expected_experts_fraction(num_tokens) if num_tokens else 0.0
+            routed = touched <= self.break_even
             group = self.pipeline.group
             if group is not None:  # every process must fetch the same plans (their reads are all-gathered)
                 flag = torch.tensor([int(routed)], device=self.device)
@@ -350,6 +351,15 @@ class _OffloadState:
             self.pipeline.set_routed(routed)
             if not routed:
                 self.pipeline.stats.whole_layer_forwards += 1
+
+    def expected_experts_fraction(self, num_tokens: int) -> float:
+        """The fraction of a MoE layer's experts that `num_tokens` tokens routed uniformly at random touch,
+        `1 - (1 - k / E) ** tokens`, averaged over the layers."""
+        fractions = [
+            1.0 - (1.0 - min(layer.top_k, layer.num_experts) / layer.num_experts) ** num_tokens
+            for layer in self.expert_layers
+        ]
+        return sum(fractions) / len(fractions)
 
     def end_forward(self) -> None:
         self.pipeline.end_forward()
@@ -487,7 +497,7 @@ def _attach(model: nn.Module, state: _OffloadState, source, fingerprint, checkpo
         state.expert_layers = attach_experts(state)
         state.break_even = config.expert_break_even
         if state.break_even is None:  # measured: benchmarks/README.md
-            state.break_even = 1.0 if state.pipeline.map_files else 0.6
+            state.break_even = 1.0 if state.pipeline.map_files else 0.75
     for index, (_, module) in enumerate(state.unit_modules):
         gather = type(module) is nn.Embedding and module.max_norm is None and len(state.plans[index].tensors) == 1
         add_hook_to_module(module, (_EmbeddingHook if gather else _UnitHook)(state, index))
