@@ -11,6 +11,10 @@ A fetch runs on a coordinator thread: its byte ranges are split into chunks read
 into the slot (CPU execution device) or into a page-locked staging buffer then copied on a dedicated CUDA stream
 with events (no host synchronisation on the compute stream). With several processes each one reads 1/N of the unit
 and an all-gather assembles it. Any exception of a reader thread is raised again in the thread that needs the unit.
+On the CPU execution device with an NVMe store the slots hold no buffer: each unit's ranges are mapped once, a fetch
+maps their pages (`MADV_POPULATE_READ`, zero-copy from the page cache) and freeing the slot unmaps them again.
+
+A MoE unit has two plans: whole, and without its experts (`routed`), which then come one by one (experts.py).
 """
 
 from __future__ import annotations
