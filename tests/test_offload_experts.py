@@ -359,3 +359,11 @@ def test_a_failed_expert_fetch_raises_and_leaves_nothing_half_loaded(kind, backe
     # an expert whose read failed is not taken for cached: (anonymous) memory never written would read zeros
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
     disable_offload(model)
+
+
+def test_an_expert_parallel_model_is_refused():
+    model = tiny_model("gpt_moe")
+    model.model.layers[1].mlp.experts._is_expert_parallel = True  # what DistributedConfig(ep_size=...) sets
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts is sharded by expert parallelism"):
+        enable_offload(model, OffloadConfig())
+    assert getattr(model, "_hf_moe_offload_state", None) is None

@@ -191,6 +191,11 @@ class _OffloadState:
         fused: set[str] = set()
         for index, (unit_name, unit_module) in enumerate(self.unit_modules):
             for experts_name, module, attrs in find_experts_modules(unit_module, unit_name):
+                if getattr(module, "_is_expert_parallel", False):
+                    raise ValueError(
+                        f"{experts_name} is sharded by expert parallelism (ep_size > 1): an expert-parallel model "
+                        f"cannot be offloaded; load it without distributed_config to offload it"
+                    )
                 names = [f"{experts_name}.{attr}" for attr in attrs]
                 if not names or any(name not in self.locations or len(self.locations[name]) > 1 for name in names):
                     continue  # tied or shared expert weights: streamed with the block
