@@ -223,7 +223,7 @@ class _OffloadState:
         self.break_even = 1.0
         self.expert_staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned buffers (CUDA)
         self.bound: dict[int, tuple[int, list[str]]] = {}  # unit -> (slot index, names bound)
-        self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
+        self._views: dict[tuple[int, int, int], list[tuple[str, nn.Parameter]]] = {}  # (unit, slot, plan id)
         # Bound weights keep their parameter's requires_grad: kernels choose their path on it (a frozen weight sends
         # a strided 3-D linear through a materialised batched matmul), so the offloaded model takes the in-memory
         # model's paths. Forwards run under no_grad (the root hook), so nothing is recorded for backward.
