@@ -40,6 +40,8 @@ import sys
 import sysconfig
 import time
 
+from offload_generate import dd_direct  # this directory is on sys.path when run as a script
+
 
 SYSTEMS = ["all", "routed", "routed-nospec", "routed-nocache", "routed-noswitch"]
 SYSTEMS = SYSTEMS + [f"{s}-direct" for s in SYSTEMS]
@@ -103,16 +105,6 @@ def stdlib_prompts(count: int, length: int, seed: int) -> list[bytes]:
             start = rng.randrange(len(data) - length)
             prompts.append(data[start : start + length])
     return prompts
-
-
-def dd_direct(path: str) -> float:
-    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
-    target = max(files, key=os.path.getsize)
-    out = subprocess.run(
-        ["dd", f"if={target}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True, text=True, check=True
-    ).stderr
-    copied = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
-    return int(copied.group(1)) / float(copied.group(2)) / 1e9
 
 
 def offload_config(system: str, store: str):

@@ -9,16 +9,21 @@ from test_offload import prompts, tiny_model
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["gpt_moe", "llama", "mixtral"])
-@pytest.mark.parametrize("kind", ["cpu", "nvme"])
-def test_cuda_offloaded_generate_matches_the_model_on_the_gpu(arch, kind, tmp_path):
+def reference_on_the_gpu(arch):
+    """The tiny model, its logits and greedy tokens computed on the GPU, and the model moved back to the CPU."""
     model = tiny_model(arch).to("cuda")
     ids = prompts().to("cuda")
     with torch.no_grad():
         logits = model(ids).logits
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
-    model.to("cpu")
+    return model.to("cpu"), ids, logits, tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt_moe", "llama", "mixtral"])
+@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+def test_cuda_offloaded_generate_matches_the_model_on_the_gpu(arch, kind, tmp_path):
+    model, ids, logits, tokens = reference_on_the_gpu(arch)
     config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", execution_device="cuda", prefetch_depth=2)
     enable_offload(model, config)
     assert model.device.type == "cuda"
@@ -36,12 +41,7 @@ def test_cuda_offloaded_generate_matches_the_model_on_the_gpu(arch, kind, tmp_pa
 @pytest.mark.parametrize("arch", ["gpt_moe", "mixtral"])
 @pytest.mark.parametrize("kind", ["cpu", "nvme"])
 def test_cuda_routed_experts_match_the_model_on_the_gpu(arch, kind, cache, tmp_path):
-    model = tiny_model(arch).to("cuda")
-    ids = prompts().to("cuda")
-    with torch.no_grad():
-        logits = model(ids).logits
-    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
-    model.to("cpu")
+    model, ids, logits, tokens = reference_on_the_gpu(arch)
     config = OffloadConfig(
         offload_device=kind,
         nvme_path=tmp_path / "store",

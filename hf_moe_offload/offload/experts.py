@@ -234,7 +234,7 @@ class _VirtualExperts(_ExpertLayer):
 
     def __init__(self, state, module, plan, layout, implementation):
         super().__init__(state, module, plan, layout, implementation)
-        self.file_backed = state.pipeline.map_files and not isinstance(state.store, CpuStore)
+        self.file_backed = state.pipeline.map_files  # only ever set for a file store
         nbytes = layout.num_experts * layout.stride
         if self.file_backed:
             self.data = state.store.map_lazily(ReadRange(plan.key, layout.offset, 0, nbytes))

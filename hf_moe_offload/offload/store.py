@@ -445,7 +445,7 @@ class _FileStore:
         def flush() -> None:
             first, last = ranges[run[0]], max((ranges[i] for i in run), key=lambda r: r.src_offset + r.nbytes)
             span = ReadRange(first.source, first.src_offset, 0, last.src_offset + last.nbytes - first.src_offset)
-            data = self._map(span)
+            data = self.map_lazily(span)
             runs.append(MappedRun(span.source, self._data_start[span.source] + span.src_offset + span.nbytes, data))
             for i in run:
                 start = ranges[i].src_offset - first.src_offset
@@ -472,9 +472,10 @@ class _FileStore:
             )
         self.populate(run.data)
 
-    def _map(self, rng: ReadRange) -> torch.Tensor:
-        """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet (the mapping goes away with
-        the last tensor viewing it; private: a write could never reach the file)."""
+    def map_lazily(self, rng: ReadRange) -> torch.Tensor:
+        """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet: `populate` and
+        `madvise(..., MADV_DONTNEED)` map and unmap parts of it (the mapping goes away with the last tensor viewing
+        it; private: a write could never reach the file)."""
         path = self._paths[rng.source]
         start = self._data_start[rng.source] + rng.src_offset
         base = start - start % mmap.ALLOCATIONGRANULARITY
@@ -488,10 +489,6 @@ class _FileStore:
             fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
         )
         return torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
-
-    def map_lazily(self, rng: ReadRange) -> torch.Tensor:
-        """`rng` mapped with no page resident: `populate` and `madvise(..., MADV_DONTNEED)` map and unmap parts."""
-        return self._map(rng)
 
     def populate(self, data: torch.Tensor) -> None:
         """Map the pages under `data` (a view of a mapping) now, reading them from the file when they are not in the
