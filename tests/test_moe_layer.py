@@ -291,3 +291,43 @@ def test_sorted_mm_picks_the_padded_layout_only_when_it_wastes_little(index, lay
     out = experts(hidden, index, torch.rand(32, 1))
     assert ("padded" if used else "sorted") == layout
     assert out.shape == hidden.shape
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sorted_mm:sorted", "sorted_mm:padded"])
+def test_experts_under_bf16_autocast_compute_in_bf16_and_give_fp32_gradients(implementation, force_sorted_mm_layout):
+    implementation, _, layout = implementation.partition(":")
+    if layout:
+        force_sorted_mm_layout(layout)
+    config = make_config()
+    config._experts_implementation = implementation
+    experts = init_module(GPTMoEExperts(config, 4), std=0.1)
+    hidden = torch.randn(32, config.hidden_size, requires_grad=True)
+    index = torch.randint(0, 4, (32, 1))
+    weights = torch.rand(32, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(hidden, index, weights)
+    out.backward(torch.ones_like(out))
+    assert experts.up_proj.grad.dtype == experts.down_proj_bias.grad.dtype == torch.float32
+    assert hidden.grad.dtype == torch.float32
+    # the same math on bf16 copies of the weights, without autocast
+    reference = naive_experts(init_module_copy(experts, torch.bfloat16), hidden.detach(), index, weights)
+    torch.testing.assert_close(out.double(), reference, rtol=2e-2, atol=2e-2)  # bf16 rounding of every matmul
+
+
+def init_module_copy(experts: GPTMoEExperts, dtype: torch.dtype) -> GPTMoEExperts:
+    """`experts` with its weights rounded to `dtype` and back (what autocast multiplies with)."""
+    copy = GPTMoEExperts(make_config(), experts.num_experts)
+    with torch.no_grad():
+        for target, source in zip(copy.parameters(), experts.parameters()):
+            target.copy_(source.to(dtype).float())
+    return copy
+
+
+def test_router_stays_fp32_under_autocast():
+    config = make_config()
+    router = init_module(GPTMoERouter(config, 8), std=0.1).eval()
+    hidden = torch.randn(16, config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (weights, _) = router(hidden)
+    assert logits.dtype == weights.dtype == torch.float32
+    assert torch.equal(logits, F.linear(hidden, router.weight))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN, GELUActivation
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
@@ -186,6 +188,24 @@ class _SortedExpertsFunction(torch.autograd.Function):
     def forward(
         ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
     ):
+        # Under autocast the experts compute in the autocast dtype, as `F.linear` would: on casted copies of the
+        # weights, whose gradients are cast back to the parameters' dtype in `backward`.
+        device_type = hidden_states.device.type
+        ctx.parameter_dtypes = (up_proj.dtype, up_proj_bias.dtype, down_proj.dtype, down_proj_bias.dtype)
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            up_proj, up_proj_bias, down_proj, down_proj_bias = (
+                p.to(dtype) for p in (up_proj, up_proj_bias, down_proj, down_proj_bias)
+            )
+        with torch.autocast(device_type, enabled=False):
+            return _SortedExpertsFunction._forward(
+                ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
+            )
+
+    @staticmethod
+    def _forward(
+        ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
+    ):
         num_tokens, num_top_k = top_k_index.shape
         num_experts = up_proj.shape[0]
         # Assignments with weight 0 (dropped over capacity) are not computed, as in DeepSpeed: they are sorted
@@ -230,6 +250,13 @@ class _SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        with torch.autocast(grad_output.device.type, enabled=False):
+            grads = _SortedExpertsFunction._backward(ctx, grad_output)
+        parameter_grads = (g.to(dtype) for g, dtype in zip(grads[3:7], ctx.parameter_dtypes))
+        return (*grads[:3], *parameter_grads, None)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         states, up, activated, down, sorted_weights, order, slots, up_proj, down_proj = ctx.saved_tensors
         token_of = order // ctx.num_top_k
         sorted_grad = grad_output.index_select(0, token_of).float()  # (assignments, hidden)
@@ -270,7 +297,6 @@ class _SortedExpertsFunction(torch.autograd.Function):
             grad_up_bias,
             grad_down_proj,
             grad_down_bias,
-            None,
         )
 
 
@@ -326,7 +352,8 @@ class GPTMoERouter(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        router_logits = F.linear(hidden_states, self.weight.float())  # (tokens, num_experts)
+        with torch.autocast(hidden_states.device.type, enabled=False):  # an fp32 router under autocast too
+            router_logits = F.linear(hidden_states, self.weight.float())  # (tokens, num_experts)
         router_probs = F.softmax(router_logits, dim=-1)  # (tokens, num_experts)
         selection_scores = router_logits
         if self.training and self.noisy_gate_policy == "rsample":
@@ -552,6 +579,11 @@ class GPTMoEDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
+def _defining_class(cls: type) -> type:
+    """The class of this file that `cls` is or wraps (FSDP2 wraps a model's class in a subclass defined in torch)."""
+    return next(klass for klass in cls.__mro__ if klass.__module__ == __name__)
+
+
 class GPTMoEPreTrainedModel(PreTrainedModel):
     config: GPTMoEConfig
     config_class = GPTMoEConfig
@@ -569,6 +601,21 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": GPTMoEDecoderLayer,
         "attentions": GPTMoEAttention,
     }
+
+    # transformers' FSDP2 engine (`from_pretrained(..., distributed_config=...)`) swaps a sharded model's class for a
+    # dynamic `FSDP<Class>` subclass defined in torch. `save_pretrained` would then copy torch's FSDP sources as the
+    # model's code and name that class in `auto_map`, and the checkpoint would not load with `trust_remote_code`:
+    # these two methods save the code and `auto_map` of the GPT-MoE class instead.
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        return super().is_remote_code() and _defining_class(cls) is cls
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs):
+        defining_class = _defining_class(type(self))
+        if defining_class is not type(self) and defining_class.is_remote_code() and is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            custom_object_save(defining_class.__new__(defining_class), save_directory, config=self.config)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # GPT-MoE defaults to its own "sorted_mm" (faster than "grouped_mm" on the CPU, the same kernel on GPUs).
