@@ -202,7 +202,7 @@ def write_results(results: list[dict], meta: dict, args, command: str) -> None:
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "data": meta, "torch_threads": torch.get_num_threads(), "models": results}
     base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    reference = next((r for r in results if r["model"] == "S"), results[0])
+    reference = next((r for r in results if r["model"] == "S"), None)  # throughput ratios need S in the same run
     lines = [
         "| model | total params | active params | non-emb. total | non-emb. active | tokens | val loss (nats) "
         "| train tokens/s | vs S |",
@@ -213,7 +213,7 @@ def write_results(results: list[dict], meta: dict, args, command: str) -> None:
             f"| {r['model']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M "
             f"| {r['non_embedding_total'] / 1e6:.2f}M | {r['non_embedding_active'] / 1e6:.2f}M "
             f"| {r['tokens'] / 1e6:.2f}M | {r['final_validation_loss']:.4f} | {r['train_tokens_per_s']:.0f} "
-            f"| {r['train_tokens_per_s'] / reference['train_tokens_per_s']:.2f}x |"
+            + (f"| {r['train_tokens_per_s'] / reference['train_tokens_per_s']:.2f}x |" if reference else "| n/a |")
         )
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:

@@ -352,3 +352,22 @@ def test_sorted_mm_trains_in_bf16_like_eager(layout, force_sorted_mm_layout):
     assert torch.isfinite(results["sorted_mm"][0])
     for got, want in zip(results["sorted_mm"], results["eager"]):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)  # bf16 rounding of each GEMM
+
+
+def test_a_model_whose_class_fsdp2_swapped_saves_the_gpt_moe_code_and_auto_map(tmp_path):
+    # What FSDP2's `fully_shard` does to a module (torch.distributed.fsdp._fully_shard._fsdp_init): a dynamic subclass
+    # named FSDP<Class>, defined in torch. The real sharded save runs in tests/test_distributed.py.
+    class FSDPModuleStandIn:
+        pass
+
+    model = GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny-moe"))
+    model.__class__ = type(
+        "FSDPGPTMoEForCausalLM",
+        (FSDPModuleStandIn, GPTMoEForCausalLM),
+        {"__module__": "torch.distributed.fsdp._fully_shard._fsdp_init"},
+    )
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.glob("*.py")} == {"configuration_gpt_moe.py", "modeling_gpt_moe.py"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt_moe.GPTMoEForCausalLM"
+    assert config["architectures"] == ["GPTMoEForCausalLM"]

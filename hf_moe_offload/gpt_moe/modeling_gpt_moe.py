@@ -579,9 +579,16 @@ class GPTMoEDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
-def _defining_class(cls: type) -> type:
-    """The class of this file that `cls` is or wraps (FSDP2 wraps a model's class in a subclass defined in torch)."""
-    return next(klass for klass in cls.__mro__ if klass.__module__ == __name__)
+def _unwrapped_class(cls: type) -> type:
+    """The model class that `cls` is or wraps: FSDP2's `fully_shard` (and `replicate`) swap a module's class for a
+    dynamic `FSDP<Class>(FSDPModule, Class)` defined in `torch.distributed`."""
+    while (
+        cls.__module__.startswith("torch.distributed.")
+        and len(cls.__bases__) == 2
+        and cls.__name__.endswith(cls.__bases__[1].__name__)
+    ):
+        cls = cls.__bases__[1]
+    return cls
 
 
 class GPTMoEPreTrainedModel(PreTrainedModel):
@@ -608,13 +615,13 @@ class GPTMoEPreTrainedModel(PreTrainedModel):
     # these two methods save the code and `auto_map` of the GPT-MoE class instead.
     @classmethod
     def is_remote_code(cls) -> bool:
-        return super().is_remote_code() and _defining_class(cls) is cls
+        return super().is_remote_code() and _unwrapped_class(cls) is cls
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs):
-        defining_class = _defining_class(type(self))
-        if defining_class is not type(self) and defining_class.is_remote_code() and is_main_process:
+        model_class = _unwrapped_class(type(self))
+        if model_class is not type(self) and model_class.is_remote_code() and is_main_process:
             os.makedirs(save_directory, exist_ok=True)
-            custom_object_save(defining_class.__new__(defining_class), save_directory, config=self.config)
+            custom_object_save(model_class.__new__(model_class), save_directory, config=self.config)
         return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:

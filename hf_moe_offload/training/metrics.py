@@ -53,6 +53,7 @@ class RouterMetricsCallback(TrainerCallback):
     def __init__(self):
         self._handle = None
         self._layer_ids: list[int] = []
+        self._num_experts: list[int] = []
         self._reset()
 
     def _reset(self):
@@ -68,6 +69,7 @@ class RouterMetricsCallback(TrainerCallback):
         if layer_ids is not None and hasattr(config, "is_moe_layer"):
             layer_ids = [i for i in layer_ids if config.is_moe_layer(i)]
         self._layer_ids = list(layer_ids) if layer_ids is not None else []
+        self._num_experts = [config.num_experts_at(i) for i in self._layer_ids]
         if self._handle is not None:
             self._handle.remove()
         self._handle = model.register_forward_hook(self._record, with_kwargs=True)
@@ -117,7 +119,9 @@ class RouterMetricsCallback(TrainerCallback):
             return {}
         stats = [self._sums.get(name, torch.zeros(num_layers)) for name in _LAYER_STATS]
         packed = torch.cat([*stats, torch.tensor([self._tokens])])  # (3 * layers + 1,)
-        counts = self._counts or []
+        counts = self._counts
+        if counts is None:  # this process ran no micro-batch since the last log; the others may have
+            counts = [torch.zeros(n) for n in self._num_experts]
         if distributed:  # every process logs (Trainer calls `log` on all of them): sum their micro-batches
             packed = packed.clone()
             torch.distributed.all_reduce(packed)
