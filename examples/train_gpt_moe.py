@@ -39,9 +39,15 @@ from hf_moe_offload.training import (
 def prepare_data(args) -> tuple[PreTrainedTokenizerFast, torch.Tensor, torch.Tensor, dict]:
     cache = args.output_dir / "data"
     meta_path = cache / "meta.json"
-    train_files, validation_files = split_by_module(stdlib_modules(), args.validation_every)
+    train_files, validation_files = split_by_module(stdlib_modules(args.modules), args.validation_every)
+    if not train_files or not validation_files:
+        raise ValueError(
+            f"the split of --modules {args.modules} leaves {len(train_files)} train and {len(validation_files)} "
+            "validation files; both need some (a module goes to validation when crc32(name) % --validation-every == 0)"
+        )
     meta = {
         "python": sys.version.split()[0],
+        "modules": args.modules,
         "stdlib": sysconfig.get_paths()["stdlib"],
         "vocab_size": args.vocab_size,
         "block_size": args.block_size,
@@ -247,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/stdlib"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/train_gpt_moe"))
     parser.add_argument("--models", nargs="*", help="subset of: S, S+MoE-<experts>, 4xS (default: all three)")
+    parser.add_argument("--modules", nargs="*", help="standard-library top-level modules to use (default: all)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--validation-every", type=int, default=10, help="1 module in N goes to validation")
