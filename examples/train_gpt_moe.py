@@ -93,7 +93,8 @@ def model_configs(args, tokenizer) -> dict[str, GPTMoEConfig]:
         "moe_layer_frequency": 2,
         "capacity_factor": args.capacity_factor,
         "eval_capacity_factor": None,  # dropless evaluation
-        "router_aux_loss_coef": 0.01,
+        "router_aux_loss_coef": args.router_aux_loss_coef,
+        "router_z_loss_coef": args.router_z_loss_coef,
     }
     configs = {
         "S": GPTMoEConfig(**common, **dense),
@@ -203,11 +204,16 @@ def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, arg
     }
 
 
+def _with_extension(base: Path, extension: str) -> Path:
+    """`base` + extension (`with_suffix` would eat a dotted name such as `run_lr1.5e-3`)."""
+    return base.parent / (base.name + extension)
+
+
 def write_results(results: list[dict], meta: dict, args, command: str) -> None:
     base = args.results
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "data": meta, "torch_threads": torch.get_num_threads(), "models": results}
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    _with_extension(base, ".json").write_text(json.dumps(payload, indent=2))
     reference = next((r for r in results if r["model"] == "S"), None)  # throughput ratios need S in the same run
     lines = [
         "| model | total params | active params | non-emb. total | non-emb. active | tokens | val loss (nats) "
@@ -221,7 +227,7 @@ def write_results(results: list[dict], meta: dict, args, command: str) -> None:
             f"| {r['tokens'] / 1e6:.2f}M | {r['final_validation_loss']:.4f} | {r['train_tokens_per_s']:.0f} "
             + (f"| {r['train_tokens_per_s'] / reference['train_tokens_per_s']:.2f}x |" if reference else "| n/a |")
         )
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _with_extension(base, ".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -245,7 +251,7 @@ def write_results(results: list[dict], meta: dict, args, command: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(base.with_suffix(".png"), dpi=120)
+    figure.savefig(_with_extension(base, ".png"), dpi=120)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--capacity-factor", type=float, default=2.0)
+    parser.add_argument("--router-aux-loss-coef", type=float, default=0.01)
+    parser.add_argument("--router-z-loss-coef", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         results.append(result)
         write_results(results, meta, args, command)
-    print(args.results.with_suffix(".md").read_text())
+    print(_with_extension(args.results, ".md").read_text())
 
 
 if __name__ == "__main__":

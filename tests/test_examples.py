@@ -17,7 +17,7 @@ _spec.loader.exec_module(train_gpt_moe)
 
 
 def test_train_gpt_moe_runs_small_and_writes_its_results(tmp_path):
-    results = tmp_path / "results" / "run"
+    results = tmp_path / "results" / "run_lr1.5e-3"  # a dotted name: the extensions are appended, not swapped
     train_gpt_moe.main(
         [
             "--output-dir", str(tmp_path / "runs"),
@@ -36,7 +36,7 @@ def test_train_gpt_moe_runs_small_and_writes_its_results(tmp_path):
             "--log-every", "2",
         ]
     )  # fmt: skip
-    payload = json.loads(results.with_suffix(".json").read_text())
+    payload = json.loads(Path(f"{results}.json").read_text())
     assert [m["model"] for m in payload["models"]] == ["S", "S+MoE-4", "4xS"]
     assert payload["data"]["modules"] == ["json", "csv", "copy", "glob"]
     for model in payload["models"]:
@@ -45,9 +45,9 @@ def test_train_gpt_moe_runs_small_and_writes_its_results(tmp_path):
         assert (tmp_path / "runs" / model["model"] / "final" / "tokenizer.json").exists()
     moe = payload["models"][1]
     assert moe["total_params"] > moe["active_params"] and set(moe["last_router_metrics"]) >= {"router/load_cv"}
-    table = results.with_suffix(".md").read_text().splitlines()
+    table = Path(f"{results}.md").read_text().splitlines()
     assert len(table) == 5 and table[2].startswith("| S |") and table[2].endswith("| 1.00x |")
-    assert results.with_suffix(".png").stat().st_size > 0
+    assert Path(f"{results}.png").stat().st_size > 0
 
 
 def test_train_gpt_moe_refuses_a_split_without_validation(tmp_path):
