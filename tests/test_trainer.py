@@ -183,8 +183,8 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
 # -- precision and memory options ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", ["bf16", "activation_checkpointing"])
-def test_trainer_trains_with_bf16_autocast_and_gradient_checkpointing(tmp_path, option):
+@pytest.mark.parametrize("option", ["bf16", "fp16", "activation_checkpointing"])
+def test_trainer_trains_with_mixed_precision_and_activation_checkpointing_on_the_cpu(tmp_path, option):
     model = tiny_moe()
     trainer = Trainer(
         model=model, args=train_args(tmp_path, **{option: True}), train_dataset=Rows(torch.randint(0, 64, (16, 16)))
