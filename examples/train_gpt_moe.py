@@ -57,10 +57,11 @@ def prepare_data(args) -> tuple[PreTrainedTokenizerFast, torch.Tensor, torch.Ten
         "train_bytes": sum(p.stat().st_size for p in train_files),
         "validation_bytes": sum(p.stat().st_size for p in validation_files),
     }
-    if meta_path.exists() and {k: v for k, v in json.loads(meta_path.read_text()).items() if k in meta} == meta:
+    cached = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if {k: v for k, v in cached.items() if k in meta} == meta:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(cache / "tokenizer")
         data = torch.load(cache / "blocks.pt")
-        return tokenizer, data["train"], data["validation"], json.loads(meta_path.read_text())
+        return tokenizer, data["train"], data["validation"], cached
     started = time.perf_counter()
     tokenizer = train_bpe_tokenizer(train_files, args.vocab_size)
     train = token_blocks(tokenizer, train_files, args.block_size)

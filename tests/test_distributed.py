@@ -98,13 +98,13 @@ def test_ep_trainer_trains_and_its_checkpoint_loads_into_one_process(tmp_path):
         import hf_moe_offload  # noqa: F401
         from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
         from transformers.distributed import DistributedConfig
-        from hf_moe_offload.training import BlockDataset as Rows, add_router_metrics
+        from hf_moe_offload.training import BlockDataset, add_router_metrics
 
         model = AutoModelForCausalLM.from_pretrained(
             {str(tmp_path / "ckpt")!r}, distributed_config=DistributedConfig(fsdp_size=2, ep_size=2)
         )
         torch.manual_seed(0)
-        data = Rows(torch.randint(0, 64, (32, 16)))
+        data = BlockDataset(torch.randint(0, 64, (32, 16)))
         args = TrainingArguments(
             output_dir="out", per_device_train_batch_size=4, max_steps=6, learning_rate=3e-3, logging_steps=3,
             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
@@ -167,7 +167,7 @@ def test_ddp_trainer_counts_the_router_loss_once_per_step_over_processes(tmp_pat
         import torch
         from transformers import Trainer, TrainingArguments
         from hf_moe_offload import GPTMoEForCausalLM
-        from hf_moe_offload.training import BlockDataset as Rows, add_router_metrics
+        from hf_moe_offload.training import BlockDataset, add_router_metrics
 
         model = GPTMoEForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r})
         seen = []
@@ -179,7 +179,7 @@ def test_ddp_trainer_counts_the_router_loss_once_per_step_over_processes(tmp_pat
             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo",
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=Rows(torch.randint(0, 512, (16, 16))))
+        trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(0, 512, (16, 16))))
         add_router_metrics(trainer)
         trainer.train()
         torch.save(

@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
-from hf_moe_offload.training import BlockDataset as Rows
+from hf_moe_offload.training import BlockDataset
 
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -41,7 +41,7 @@ def test_lora_on_attention_and_experts_trains_saves_and_loads_back(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(torch.randint(0, 64, (16, 16))))
+    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(0, 64, (16, 16))))
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]

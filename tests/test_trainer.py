@@ -14,9 +14,6 @@ from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
 from hf_moe_offload.training import BlockDataset, RouterMetricsCallback, add_router_metrics
 
 
-Rows = BlockDataset
-
-
 VOCAB = 512
 
 
@@ -46,7 +43,7 @@ def logged(trainer: Trainer, key: str) -> list[float]:
 
 def test_trainer_with_gradient_accumulation_trains_and_checkpoints_the_code(tmp_path):
     model = tiny_moe(router_z_loss_coef=0.001)
-    data = Rows(torch.randint(0, 64, (16, 16)))  # a small vocabulary slice: learnable in a few steps
+    data = BlockDataset(torch.randint(0, 64, (16, 16)))  # a small vocabulary slice: learnable in a few steps
     args = train_args(tmp_path, gradient_accumulation_steps=2, save_strategy="steps", save_steps=6)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     assert trainer.model_accepts_loss_kwargs  # num_items_in_batch reaches forward, so the CE is token-weighted
@@ -137,7 +134,7 @@ def test_router_loss_enters_each_optimizer_step_once_under_gradient_accumulation
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     seen = record_micro_batches(model)
     args = train_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, **SGD_STEP)
-    Trainer(model=model, args=args, train_dataset=Rows(torch.randint(0, VOCAB, (12, 16)))).train()
+    Trainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(0, VOCAB, (12, 16)))).train()
     assert len(seen) == 3
     updated = model.state_dict()
     assert_sgd_step_is(initial, updated, naive_step_gradient(initial, seen, router_once))
@@ -160,7 +157,7 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
-    data = Rows(torch.randint(0, 64, (32, 16)))
+    data = BlockDataset(torch.randint(0, 64, (32, 16)))
 
     def run(output_dir, callbacks=(), resume=None):
         torch.manual_seed(1)
@@ -187,7 +184,9 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
 def test_trainer_trains_with_mixed_precision_and_activation_checkpointing_on_the_cpu(tmp_path, option):
     model = tiny_moe()
     trainer = Trainer(
-        model=model, args=train_args(tmp_path, **{option: True}), train_dataset=Rows(torch.randint(0, 64, (16, 16)))
+        model=model,
+        args=train_args(tmp_path, **{option: True}),
+        train_dataset=BlockDataset(torch.randint(0, 64, (16, 16))),
     )
     trainer.train()
     losses = logged(trainer, "loss")
@@ -214,7 +213,7 @@ def test_router_metrics_are_logged_per_layer_and_match_the_model_outputs(tmp_pat
     model.register_forward_hook(lambda module, args, output: outputs.append(output) if module.training else None)
     reporter = Recorder()  # stands for TensorBoard & co.: a callback registered before the metrics
     args = train_args(tmp_path, logging_steps=2, max_steps=4, eval_strategy="steps", eval_steps=2)
-    data = Rows(torch.randint(0, VOCAB, (16, 32)))
+    data = BlockDataset(torch.randint(0, VOCAB, (16, 32)))
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[reporter])
     callback = add_router_metrics(trainer)
     assert trainer.callback_handler.callbacks[0] is callback
@@ -253,7 +252,7 @@ def test_router_metrics_passed_as_a_callback_still_reach_the_log_history(tmp_pat
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Rows(torch.randint(0, VOCAB, (8, 16))),
+        train_dataset=BlockDataset(torch.randint(0, VOCAB, (8, 16))),
         callbacks=[RouterMetricsCallback()],
     )
     trainer.train()
@@ -263,7 +262,9 @@ def test_router_metrics_passed_as_a_callback_still_reach_the_log_history(tmp_pat
 def test_router_metrics_on_a_dense_model_log_nothing(tmp_path):
     model = GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny"))
     trainer = Trainer(
-        model=model, args=train_args(tmp_path, max_steps=2), train_dataset=Rows(torch.randint(0, VOCAB, (8, 16)))
+        model=model,
+        args=train_args(tmp_path, max_steps=2),
+        train_dataset=BlockDataset(torch.randint(0, VOCAB, (8, 16))),
     )
     add_router_metrics(trainer)
     trainer.train()
@@ -275,7 +276,7 @@ def test_router_metrics_on_a_dense_model_log_nothing(tmp_path):
 def test_trainer_trains_with_mixed_precision_on_cuda(tmp_path, option):
     model = tiny_moe()
     args = train_args(tmp_path, use_cpu=False, **{option: True})
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(torch.randint(0, 64, (16, 16))))
+    trainer = Trainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(0, 64, (16, 16))))
     trainer.train()
     losses = logged(trainer, "loss")
     assert model.device.type == "cuda"

@@ -86,7 +86,7 @@ class RouterMetricsCallback(TrainerCallback):
         counts = [c.detach().float() for c in output.expert_token_counts]
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            tokens = float(mask.sum())
+            tokens = mask.sum().float()  # a tensor: no device sync per micro-batch
         else:
             ids = kwargs.get("input_ids", args[0] if args else None)
             tokens = float(ids.numel()) if ids is not None else 1.0
@@ -118,7 +118,7 @@ class RouterMetricsCallback(TrainerCallback):
         if num_layers == 0:
             return {}
         stats = [self._sums.get(name, torch.zeros(num_layers)) for name in _LAYER_STATS]
-        packed = torch.cat([*stats, torch.tensor([self._tokens])])  # (3 * layers + 1,)
+        packed = torch.cat([*stats, torch.as_tensor(self._tokens, dtype=torch.float32).reshape(1)])  # (3 * layers + 1,)
         counts = self._counts
         if counts is None:  # this process ran no micro-batch since the last log; the others may have
             counts = [torch.zeros(n) for n in self._num_experts]
