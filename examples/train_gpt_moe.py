@@ -9,8 +9,9 @@ the router losses) is measured every `--eval-every` steps on the same validation
     python examples/train_gpt_moe.py --output-dir runs/stdlib --results benchmarks/results/train_gpt_moe
 
 writes `<results>.json`, `<results>.md` (the table) and `<results>.png` (the validation curves), and keeps each
-trained model in `<output-dir>/<model>/` (with the tokenizer). `--models` picks a subset, `--max-steps` shortens
-the run (e.g. `--max-steps 20 --eval-every 10` for a smoke test).
+trained model in `<output-dir>/<model>/final` (Hub layout: weights, code files, tokenizer, Trainer state and model
+card). `--models` picks a subset, `--max-steps` shortens the run (e.g. `--max-steps 20 --eval-every 10` for a smoke
+test). `hf_moe_offload/demo_model` is the S+MoE-16 of the default run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
+from hf_moe_offload.hub import write_model_card
 from hf_moe_offload.training import (
     BlockDataset,
     add_router_metrics,
@@ -144,10 +146,28 @@ class CurveCallback(TrainerCallback):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             loss = validation_loss(model, self.validation, self.batch_size)
             self.curve.append((state.global_step, loss))
-            state.log_history.append({"step": state.global_step, "validation_loss": loss})
+            state.log_history.append({"step": state.global_step, "eval_loss": loss})  # the key of Trainer.evaluate
 
 
-def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, args) -> dict:
+def write_card(final: Path, name: str, meta: dict, args) -> Path:
+    """The trained model's card (hf_moe_offload.hub): architecture, loading, offloading, and the Trainer's curve."""
+    slug = name.lower().replace("+", "-")
+    description = (
+        f"The {name} model of `examples/train_gpt_moe.py` in `hf_moe_offload`, trained from scratch with "
+        f"`transformers.Trainer` on the `.py` files of the Python {meta['python']} standard library (CPython's own "
+        f"code, PSF license): {meta['train_tokens'] / 1e6:.2f}M training tokens from {meta['train_files']} files, "
+        f"{meta['validation_tokens'] / 1e6:.2f}M validation tokens from {meta['validation_files']} files of held-out "
+        f"modules, a byte-level BPE of {meta['vocab_size']} tokens trained on the training split. {args.max_steps} "
+        f"steps of {args.batch_size} x {args.block_size} tokens, AdamW (lr {args.learning_rate}, cosine, weight "
+        "decay 0.1). A toy: it writes code that looks like Python, not code that works. Reproduce with "
+        f"`python examples/train_gpt_moe.py --models {name}`."
+    )
+    return write_model_card(
+        final, repo_id=f"gpt-moe-stdlib-{slug}", license="apache-2.0", language=["code"], description=description
+    )
+
+
+def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, meta: dict, args) -> dict:
     torch.manual_seed(args.seed)
     model = GPTMoEForCausalLM(config)
     counts = config.parameter_counts()
@@ -170,6 +190,7 @@ def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, arg
         data_seed=args.seed,
         dataloader_drop_last=True,
         disable_tqdm=not args.progress,
+        include_num_input_tokens_seen=True,
     )
     curve = CurveCallback(validation, args.eval_every, args.eval_batch_size)
     trainer = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train), callbacks=[curve])
@@ -178,8 +199,11 @@ def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, arg
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    model.save_pretrained(args.output_dir / name / "final")
-    tokenizer.save_pretrained(args.output_dir / name / "final")
+    final = args.output_dir / name / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    trainer.state.save_to_json(str(final / "trainer_state.json"))  # the model card's training results
+    write_card(final, name, meta, args)
     router = [
         {k: v for k, v in log.items() if k.startswith("router/") and k.count("/") == 1}
         for log in trainer.state.log_history
@@ -303,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name, config in model_configs(args, tokenizer).items():
         print(f"{name}: {config.parameter_summary()}, {args.max_steps} steps", flush=True)
-        result = train_one(name, config, tokenizer, train, validation, args)
+        result = train_one(name, config, tokenizer, train, validation, meta, args)
         print(
             f"{name}: validation loss {result['final_validation_loss']:.4f}, "
             f"{result['train_tokens_per_s']:.0f} train tokens/s, {result['wall_seconds']:.0f} s",

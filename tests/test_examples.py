@@ -42,7 +42,10 @@ def test_train_gpt_moe_runs_small_and_writes_its_results(tmp_path):
     for model in payload["models"]:
         assert [step for step, _ in model["validation_curve"]] == [2, 4]
         assert model["tokens"] == 4 * 2 * 32 and model["train_tokens_per_s"] > 0
-        assert (tmp_path / "runs" / model["model"] / "final" / "tokenizer.json").exists()
+        final = tmp_path / "runs" / model["model"] / "final"
+        assert (final / "tokenizer.json").exists() and (final / "trainer_state.json").exists()
+        card = (final / "README.md").read_text()  # the card's curve is the run's validation curve
+        assert all(f"| {step} | " in card and f"| {loss:.4f} |" in card for step, loss in model["validation_curve"])
     moe = payload["models"][1]
     assert moe["total_params"] > moe["active_params"] and set(moe["last_router_metrics"]) >= {"router/load_cv"}
     table = Path(f"{results}.md").read_text().splitlines()

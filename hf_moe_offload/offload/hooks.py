@@ -12,6 +12,7 @@ the modules above the block list stay on the execution device.
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
 import queue
 import shutil
@@ -711,15 +712,23 @@ def load_offloaded(
         offload_folder = tempfile.mkdtemp(prefix=".hf_moe_offload_convert_", dir=scratch)
     except OSError as err:
         raise ValueError(f"nvme_path ({scratch}) is not writable: {err.strerror}") from err
+    # accelerate warns that the parameters "were offloaded to the disk": true of the map below, which only serves to
+    # read the checkpoint lazily and is replaced by the store.
+    big_modeling = std_logging.getLogger("accelerate.big_modeling")
+    level = big_modeling.level
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            device_map={"": "disk"},
-            offload_folder=offload_folder,
-            dtype=dtype if dtype is not None else "auto",
-            use_safetensors=True,
-            **from_pretrained_kwargs,
-        )
+        big_modeling.setLevel(std_logging.ERROR)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                device_map={"": "disk"},
+                offload_folder=offload_folder,
+                dtype=dtype if dtype is not None else "auto",
+                use_safetensors=True,
+                **from_pretrained_kwargs,
+            )
+        finally:
+            big_modeling.setLevel(level)
         loader = _offloaded_weights(model)
         remove_hook_from_module(model, recurse=True)
         if hasattr(model, "hf_device_map"):
