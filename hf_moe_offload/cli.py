@@ -288,6 +288,8 @@ def _offload_report(stats, seconds: float, steps: int) -> list[str]:
 
 def _generate_command(args: argparse.Namespace) -> int:
     model_name = _resolve_model(args.model)
+    if args.offload == "cpu" and args.nvme_path:
+        raise ValueError("--nvme-path is the store of --offload nvme; with --offload cpu the weights stay in memory")
     _check_offload_args(args, [args.offload])
     if args.batch_size < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) must be >= 1")

@@ -130,6 +130,8 @@ def test_errors_are_one_line_with_a_non_zero_exit_code(tmp_path, capsys, gpt2_di
     assert code == 2 and f"--nvme-path '{blocker / 'store'}' is not writable: Not a directory" in err
     code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--offload", "nvme", "--prompt", "x")
     assert code == 2 and "--offload nvme needs --nvme-path DIR" in err
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--nvme-path", str(tmp_path), "--prompt", "x")
+    assert code == 2 and "--nvme-path is the store of --offload nvme" in err
     code, err = cli_error(capsys, "generate", str(gpt2_dir), "--prompt", "x", "--expert-cache-size", "4")
     assert code == 2 and "--expert-cache-size applies to MoE models only" in err
     assert "(model_type 'gpt2') has no MoE layer" in err
