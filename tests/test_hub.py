@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
@@ -225,3 +226,12 @@ def test_upload_refuses_an_incomplete_checkpoint_or_an_offline_hub(tmp_path, fak
     with pytest.raises(ValueError, match=r"cannot upload to someone/x: the Hub is offline \(HF_HUB_OFFLINE=1\)"):
         push_to_hub(tmp_path, "someone/x")
     assert fake_hub.files == {} and not (tmp_path / "README.md").exists()
+
+
+def test_a_plain_push_to_hub_uploads_the_code_files_and_tags_its_card(fake_hub, monkeypatch):
+    """transformers' own `model.push_to_hub`: the third network call (the remote card) is replaced too."""
+    monkeypatch.setattr(ModelCard, "load", mock.Mock(side_effect=EntryNotFoundError("no README.md yet")))
+    GPTMoEForCausalLM(tiny_config()).push_to_hub("someone/tiny-moe")
+    assert set(fake_hub.files) == MODEL_FILES | {"README.md"}
+    card = ModelCard(fake_hub.files["README.md"].decode())
+    assert card.data.library_name == "transformers" and card.data.tags == list(TAGS)

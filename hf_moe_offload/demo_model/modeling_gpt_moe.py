@@ -765,6 +765,9 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._has_moe_layers = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        # The tags `push_to_hub` (and `Trainer`'s model card) put on a card it creates; per instance, as
+        # `add_model_tags` appends to the list.
+        self.model_tags = ["custom_code", "moe", "mixture-of-experts", "gpt_moe"]
         self.post_init()
 
     def extra_repr(self) -> str:
