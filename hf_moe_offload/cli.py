@@ -79,8 +79,6 @@ def _check_nvme_path(path: str) -> None:
 def _load_config(model: str, args: argparse.Namespace):
     from transformers import AutoConfig
 
-    import hf_moe_offload  # noqa: F401  (registers gpt_moe with the Auto classes)
-
     return AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code, revision=args.revision)
 
 
@@ -504,7 +502,6 @@ def _demo_command(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = args.prompt or list(DEMO_PROMPTS)
-    args.do_sample, args.seed = False, 0
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL, trust_remote_code=True)
     # The Hub path: the checkpoint's own code files, through the Auto classes.
@@ -659,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", action="append", help="a snippet to complete instead of the built-in ones")
     demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.add_argument("--repetition-penalty", type=float, default=1.3)
-    demo.set_defaults(func=_demo_command)
+    demo.set_defaults(func=_demo_command, do_sample=False)  # greedy: the comparison with in memory is exact
 
     generate = commands.add_parser("generate", help="generate with every weight offloaded to CPU memory or NVMe")
     _add_model_options(generate)

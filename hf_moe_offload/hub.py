@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .gpt_moe import GPTMoEConfig
+from .gpt_moe.configuration_gpt_moe import _human_count
 
 
 logger = logging.get_logger(__name__)
@@ -52,13 +53,6 @@ def _load_config(model_dir: Path) -> tuple[GPTMoEConfig, dict]:
             f"(model_type {GPTMoEConfig.model_type!r})"
         )
     return GPTMoEConfig.from_pretrained(model_dir), raw
-
-
-def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
 
 
 def _architecture(config: GPTMoEConfig) -> dict[str, Any]:
@@ -93,8 +87,8 @@ def _architecture(config: GPTMoEConfig) -> dict[str, Any]:
         "z_coef": config.router_z_loss_coef,
         "vocab_size": config.vocab_size,
         "tied": config.tie_word_embeddings,
-        "total_params": _count(counts["total"]),
-        "active_params": _count(counts["active"]),
+        "total_params": _human_count(counts["total"]),
+        "active_params": _human_count(counts["active"]),
     }
 
 
@@ -135,7 +129,7 @@ def _training(model_dir: Path) -> dict[str, Any] | None:
     return {
         "steps": state.get("global_step", 0),
         "epochs": f"{epoch:.2f}" if epoch else None,
-        "tokens": _count(tokens) if tokens else None,
+        "tokens": _human_count(tokens) if tokens else None,
         "batch_size": state.get("train_batch_size"),
         "rows": rows,
         "router": router,
