@@ -24,6 +24,7 @@ from .offload import (
     enable_offload,
     get_offload_stats,
     load_offloaded,
+    offloaded,
 )
 
 
@@ -51,4 +52,5 @@ __all__ = [
     "enable_offload",
     "get_offload_stats",
     "load_offloaded",
+    "offloaded",
 ]

@@ -87,7 +87,7 @@ def _moe_layers(config, trust_remote_code: bool) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .offload.experts import find_experts_modules
+    from .offload.discovery import find_experts_modules
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -266,11 +266,11 @@ def test_each_forward_size_streams_whole_layers_only_when_measured_above_the_bre
     break_even = (touched + uniform) / 2 if learned == "routed" else touched - 0.01
     enable_offload(model, store_config("nvme", tmp_path, 1, expert_break_even=break_even))
     state = model._hf_moe_offload_state
-    assert state.expected_experts_fraction(10) == pytest.approx(uniform)
+    assert state.experts.policy.expected_experts_fraction(10) == pytest.approx(uniform)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)  # a size not seen yet: uniform routing's 74% -> whole layers
     assert get_offload_stats(model, reset=True).whole_layer_forwards == 1
-    assert state.touched == {4: pytest.approx(touched)}  # measured in that whole-layer forward too
+    assert state.experts.policy.touched == {4: pytest.approx(touched)}  # measured in that whole-layer forward too
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)
     stats = get_offload_stats(model)
@@ -286,7 +286,7 @@ def test_each_forward_size_streams_whole_layers_only_when_measured_above_the_bre
 def test_break_even_defaults_to_the_read_path_measurement(kind, given, expected, tmp_path):
     model = tiny_model("gpt_moe")
     enable_offload(model, store_config(kind, tmp_path, 1, expert_break_even=given))
-    assert model._hf_moe_offload_state.break_even == expected
+    assert model._hf_moe_offload_state.experts.policy.break_even == expected
     disable_offload(model)
 
 

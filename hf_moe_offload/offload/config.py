@@ -23,8 +23,10 @@ class OffloadConfig:
             the execution device is CUDA) or `"nvme"` (safetensors files under `nvme_path`).
         nvme_path: directory of the NVMe store (required for `"nvme"`). A valid store already there for the same weights
             is reused; an incomplete or stale one is rebuilt.
-        execution_device: where the model computes (`"cpu"`, `"cuda:0"`, `0`, a `torch.device`). Default: the current
-            CUDA device when there is one, else the CPU.
+        execution_device: where the model computes (`"cpu"`, `"cuda:0"`, `0`, a `torch.device`). Default (`None`):
+            the current CUDA device when there is one, else the CPU, decided when offloading starts (`enable_offload`,
+            `load_offloaded`), not when the config is built; `"cuda"` without an index also means the current device
+            then.
         prefetch_depth: how many units are fetched ahead of the one computing. 0 fetches on demand (no overlap); at most
             `prefetch_depth + 1` units are resident on the execution device at any time.
         pin_memory: page-lock the CPU store and the NVMe staging buffers (CUDA only; ignored on the CPU device).
@@ -102,7 +104,7 @@ class OffloadConfig:
             raise ValueError(f"expert_break_even ({self.expert_break_even!r}) must be a fraction in (0, 1]")
         if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
             raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a positive multiple of 4096")
-        self.execution_device = _resolve_device(self.execution_device)
+        self.execution_device = _parse_device(self.execution_device)
 
     @classmethod
     def from_deepspeed(cls, ds_config: dict[str, Any], **overrides: Any) -> OffloadConfig:
@@ -145,15 +147,25 @@ class OffloadConfig:
         return cls(**kwargs)
 
 
-def _resolve_device(device: str | int | torch.device | None) -> torch.device:
+def _parse_device(device: str | int | torch.device | None) -> torch.device | None:
+    """`execution_device` as a `torch.device` (None stays None), checked without asking torch which devices exist."""
     if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return None
     try:
-        resolved = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"execution_device ({device!r}) is not a torch device (e.g. 'cpu', 'cuda:0', 0)") from err
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    if resolved.type not in ("cpu", "cuda"):
+    if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"execution_device ({device!r}) must be the CPU or a CUDA device")
-    return resolved
+    return parsed
+
+
+def resolve_execution_device(config: OffloadConfig) -> torch.device:
+    """The device `config` computes on, decided now: its `execution_device`, or the current CUDA device when there
+    is one, else the CPU; a CUDA device without an index is the current one."""
+    device = config.execution_device
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device

@@ -28,21 +28,21 @@ none when one expert is routed or the cache holds the whole layer), the expert i
 from __future__ import annotations
 
 import itertools
-import mmap
 import time
-from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .store import ALIGN, CpuStore, ExpertLayout, ReadRange, UnitPlan, madvise
+from . import pages
+from .layout import ExpertLayout, ReadRange, UnitPlan
+from .stats import OffloadStats
+from .transfer import Transfer
 
-
-if TYPE_CHECKING:
-    from .hooks import _OffloadState
 
 IMPLEMENTATION = "offload_routed"
 _LAYER_ATTR = "_hf_moe_offload_experts"
@@ -51,50 +51,106 @@ _LAYER_ATTR = "_hf_moe_offload_experts"
 _SCORE_DECAY = 0.8
 
 
-def find_experts_modules(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, list[str]]]:
-    """(name, module, names of its fused expert parameters) of each v5 experts module under `module`."""
-    found = []
-    for name, sub in module.named_modules(prefix=prefix):
-        num_experts = getattr(sub, "num_experts", None)
-        config = getattr(sub, "config", None)
-        if not isinstance(num_experts, int) or num_experts < 1 or not hasattr(config, "_experts_implementation"):
-            continue
-        if not hasattr(sub, "has_gate") or not isinstance(sub._parameters.get("down_proj"), nn.Parameter):
-            continue
-        params = [
-            attr for attr, p in sub._parameters.items() if p is not None and p.dim() >= 2 and p.shape[0] == num_experts
+@dataclass
+class ExpertsContext:
+    """What every expert layer of one offloaded model shares, given explicitly.
+
+    Args:
+        store: the store the experts are read from.
+        readers: the reader threads.
+        transfer: copies into the execution device.
+        stats: the counters to add to.
+        placeholders: the placeholder of each parameter (what the experts module holds between calls).
+        requires_grad: each parameter's `requires_grad`.
+        cache_size: experts of each layer kept on the device between calls.
+        speculative: guess and fetch the next MoE layer's experts ahead.
+        map_pages: on the CPU device, map the store's pages instead of reading the experts into memory.
+        io_threads: the number of reader threads (one staging buffer each on CUDA).
+    """
+
+    store: object
+    readers: Executor
+    transfer: Transfer
+    stats: OffloadStats
+    placeholders: dict[str, nn.Parameter]
+    requires_grad: dict[str, bool]
+    cache_size: int
+    speculative: bool
+    map_pages: bool
+    io_threads: int
+
+
+class RoutingPolicy:
+    """Routed or whole: per forward, whether MoE layers fetch only the routed experts or stream whole.
+
+    Every forward measures the fraction of each layer's experts it touched, remembered per size (token counts
+    bucketed by powers of two); a size not seen yet is judged by uniform routing (`1 - (1 - k/E)^tokens`). Sizes
+    above `break_even` stream whole layers.
+    """
+
+    def __init__(self, layers: list[_ExpertLayer], break_even: float, group=None, device: torch.device | None = None):
+        self.layers = layers
+        self.break_even = break_even
+        self.group = group
+        self.device = device
+        self.routed = False
+        # the mean fraction of a layer's experts that forwards of 2**(bucket-1) to 2**bucket - 1 tokens touched
+        self.touched: dict[int, float] = {}
+        self.bucket = 0
+
+    def begin_forward(self, num_tokens: int | None) -> bool:
+        """Decide for the forward that starts; returns whether it fetches routed experts."""
+        for layer in self.layers:
+            layer.touched = None  # what an interrupted forward measured is not kept
+        self.bucket = num_tokens.bit_length() if num_tokens else 0
+        touched = self.touched.get(self.bucket)
+        if touched is None:  # a size not seen yet: what uniform routing would touch (every forward measures)
+            touched = self.expected_experts_fraction(num_tokens) if num_tokens else 0.0
+        routed = touched <= self.break_even
+        if self.group is not None:  # every process must fetch the same plans (their reads are all-gathered)
+            flag = torch.tensor([int(routed)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+            routed = bool(flag.item())
+        self.routed = routed
+        return routed
+
+    def expected_experts_fraction(self, num_tokens: int) -> float:
+        """The fraction of a MoE layer's experts that `num_tokens` tokens routed uniformly at random touch,
+        `1 - (1 - k / E) ** tokens`, averaged over the layers."""
+        fractions = [
+            1.0 - (1.0 - min(layer.top_k, layer.num_experts) / layer.num_experts) ** num_tokens for layer in self.layers
         ]
-        found.append((name, sub, params))
-    return found
+        return sum(fractions) / len(fractions)
 
-
-def _aligned_empty(nbytes: int, device: torch.device, pin: bool = False) -> torch.Tensor:
-    """A uint8 buffer whose start is 4 KiB aligned on the CPU (O_DIRECT reads into it)."""
-    if device.type != "cpu":
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    start = (-raw.data_ptr()) % ALIGN
-    return raw[start : start + nbytes]
+    def end_forward(self) -> None:
+        fractions = [layer.touched for layer in self.layers if layer.touched is not None]
+        if fractions:
+            touched = sum(fractions) / len(fractions)
+            previous = self.touched.get(self.bucket)
+            self.touched[self.bucket] = touched if previous is None else (previous + touched) / 2
+            for layer in self.layers:
+                layer.touched = None
 
 
 class _ExpertLayer:
     """The experts of one MoE layer while offloaded: what is on the device, the policy, the fetches."""
 
     def __init__(
-        self, state: _OffloadState, module: nn.Module, plan: UnitPlan, layout: ExpertLayout, implementation: str
+        self, context: ExpertsContext, module: nn.Module, plan: UnitPlan, layout: ExpertLayout, implementation: Callable
     ):
-        self.state = state
+        self.context = context
+        self.stats = context.stats
+        self.policy: RoutingPolicy | None = None
         self.module = module
         self.plan = plan
         self.layout = layout
         self.num_experts = layout.num_experts
         self.top_k = int(getattr(module.config, "num_experts_per_tok", None) or 1)
-        self.implementation = implementation
-        self.forward_impl = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, type(module).forward.__wrapped__)
+        self.forward_impl = implementation  # the model's own experts implementation
         self.names = [spec.name for spec in layout.group.params]
         self.attrs = [name.rpartition(".")[2] for name in self.names]
-        self.requires_grad = [state.requires_grad[name] for name in self.names]
-        self.capacity = min(state.config.expert_cache_size, self.num_experts)
+        self.requires_grad = [context.requires_grad[name] for name in self.names]
+        self.capacity = min(context.cache_size, self.num_experts)
         self.score = torch.zeros(self.num_experts, dtype=torch.float64)
         self.resident: dict[int, int] = {}  # expert -> its row in the layer's memory
         self.pending: dict[int, Future] = {}
@@ -115,10 +171,10 @@ class _ExpertLayer:
     def forward(
         self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if not self.state.pipeline.routed:  # a whole-layer forward: the unit bound every expert
+        if not self.policy.routed:  # a whole-layer forward: the unit bound every expert
             self.touched = int((top_k_index.unique() < self.num_experts).sum()) / self.num_experts
             return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
-        stats = self.state.pipeline.stats
+        stats = self.stats
         routed = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]  # ascending
         self.touched = len(routed) / self.num_experts
         if self.guess is not None:
@@ -131,7 +187,7 @@ class _ExpertLayer:
         stats.expert_cache_hits += len(routed) - len(misses)
         stats.expert_cache_misses += len(misses)
         uncached = self._fetch_misses(routed, misses)
-        if self.next is not None and self.state.config.speculative_prefetch:
+        if self.next is not None and self.context.speculative:
             self.next.speculate(hidden_states)
         try:
             return self._run(module, routed, uncached, hidden_states, top_k_index, top_k_weights)
@@ -147,7 +203,7 @@ class _ExpertLayer:
         votes = torch.bincount(picks, minlength=self.num_experts)  # (num_experts,)
         ranked = torch.argsort(votes, descending=True, stable=True)[: self.capacity].tolist()
         guess = [e for e in ranked if votes[e] > 0]
-        stats = self.state.pipeline.stats
+        stats = self.stats
         stats.speculated += len(guess)
         self.guess = guess
         keep = set(guess)
@@ -178,7 +234,7 @@ class _ExpertLayer:
         return uncached
 
     def _count_fetch(self) -> None:
-        stats = self.state.pipeline.stats
+        stats = self.stats
         stats.expert_bytes_fetched += self.layout.nbytes
         stats.bytes_fetched += self.layout.nbytes
 
@@ -188,7 +244,7 @@ class _ExpertLayer:
             return
         start = time.perf_counter()
         wait(futures.values())
-        self.state.pipeline.stats.fetch_wait_seconds += time.perf_counter() - start
+        self.stats.fetch_wait_seconds += time.perf_counter() - start
         failed = [e for e, future in futures.items() if future.exception() is not None]
         for expert in failed:  # never left looking resident: a later call fetches it again
             self._evict(expert)
@@ -203,7 +259,7 @@ class _ExpertLayer:
 
     def _unbind(self, module: nn.Module) -> None:
         for name, attr in zip(self.names, self.attrs, strict=True):
-            module._parameters[attr] = self.state.placeholders[name]
+            module._parameters[attr] = self.context.placeholders[name]
 
     # -- backend hooks ------------------------------------------------------------------------------------------
 
@@ -232,15 +288,14 @@ class _VirtualExperts(_ExpertLayer):
     reads or copies the expert into its rows). Evicting unmaps the pages (`MADV_DONTNEED`). The weights are views of
     the whole region, so the model's implementation runs with the original expert ids: no gather, no renumbering."""
 
-    def __init__(self, state, module, plan, layout, implementation):
-        super().__init__(state, module, plan, layout, implementation)
-        self.file_backed = state.pipeline.map_files  # only ever set for a file store
+    def __init__(self, context, module, plan, layout, implementation):
+        super().__init__(context, module, plan, layout, implementation)
+        self.file_backed = context.map_pages  # only ever set for a file store
         nbytes = layout.num_experts * layout.stride
         if self.file_backed:
-            self.data = state.store.map_lazily(ReadRange(plan.key, layout.offset, 0, nbytes))
+            self.data = context.store.map_lazily(ReadRange(plan.key, layout.offset, 0, nbytes))
         else:
-            anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self.data = torch.frombuffer(anonymous, dtype=torch.uint8)  # the mapping lives as long as its views
+            self.data = pages.reserve(nbytes)
         views = layout.views(self.data, layout.num_experts)
         self.views = [nn.Parameter(v, grad) for v, grad in zip(views, self.requires_grad, strict=True)]
         self.transient: list[int] = []
@@ -252,15 +307,15 @@ class _VirtualExperts(_ExpertLayer):
     def _load(self, expert: int) -> None:
         """On an I/O thread: make one expert's pages resident."""
         if self.file_backed:
-            self.state.store.populate(self._pages(expert))
+            self.context.store.populate(self._pages(expert))
             return
         stride = self.layout.stride
         rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
-        self.state.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
+        self.context.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
 
     def _start_fetch(self, expert: int) -> None:
         self.resident[expert] = expert
-        self.pending[expert] = self.state.pipeline._io.submit(self._load, expert)
+        self.pending[expert] = self.context.readers.submit(self._load, expert)
         self._count_fetch()
 
     def _evict(self, expert: int) -> None:
@@ -270,7 +325,7 @@ class _VirtualExperts(_ExpertLayer):
         if self.resident.pop(expert, None) is None:
             return
         start = expert * self.layout.stride
-        madvise(self.data[start : start + self.layout.stride], mmap.MADV_DONTNEED)
+        pages.drop(self.data[start : start + self.layout.stride])
 
     def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
         for expert in uncached:  # no room in the cache: resident for this call, unmapped after it
@@ -300,44 +355,39 @@ class _CompactExperts(_ExpertLayer):
     routed rows gathered into one compact weight per call (a device-to-device copy; none when one expert is routed or
     the cache holds the whole layer), the expert ids renumbered to match."""
 
-    def __init__(self, state, module, plan, layout, implementation):
-        super().__init__(state, module, plan, layout, implementation)
-        self.device = state.device
+    def __init__(self, context, module, plan, layout, implementation):
+        super().__init__(context, module, plan, layout, implementation)
+        self.transfer = context.transfer
         self.stride = layout.stride
-        self.cache = _aligned_empty(self.capacity * self.stride, self.device)
+        self.cache = self.transfer.device_buffer(self.capacity * self.stride)
         self.free_rows = list(range(self.capacity))
         # the whole layer cached: row e holds expert e, and the cache is the layer's fused weight as it is
         self.identity = self.capacity == self.num_experts
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            self.free_event = torch.cuda.Event()  # the compute stream is done with the cache rows
-            self.free_event.record(torch.cuda.current_stream(self.device))
+        self.cuda = self.transfer.cuda
+        self.free_event = self.transfer.event()  # the compute stream is done with the cache rows
+        self.transfer.computed(self.free_event)
 
     def _read(self, expert: int, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
         """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread. On CUDA the copy
         waits for `after` (default: the layer's last use of its cache rows) on the compute stream."""
-        store = self.state.store
+        store = self.context.store
         rng = ReadRange(self.plan.key, self.layout.offset + expert * self.stride, 0, self.layout.nbytes)
         if not self.cuda:
             store.read(rng, dst, 0, rng.nbytes)
             return
-        copy_stream = self.state.pipeline.copy_stream
-        event = torch.cuda.Event()
-        staging = None
-        try:
-            with torch.cuda.stream(copy_stream):
-                copy_stream.wait_event(after or self.free_event)  # memory the compute stream may still read
-                if isinstance(store, CpuStore) and store.pinned:
-                    store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
-                else:
-                    staging = self.state.expert_staging.get()
+        event = self.transfer.event()
+        with self.transfer.copying(after=after or self.free_event):  # memory the compute stream may still read
+            if store.in_memory and store.pinned:
+                store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
+            else:
+                with self.transfer.staging() as staging:
                     store.read(rng, staging, 0, rng.nbytes)
                     dst[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
-                event.record(copy_stream)
-            event.synchronize()  # this I/O thread only (the computing thread waits on the future)
-        finally:
-            if staging is not None:
-                self.state.expert_staging.put(staging)
+                    self.transfer.copied(event)
+                    self.transfer.host_waits(event)  # the staging buffer is reused once the copy is done
+                return
+            self.transfer.copied(event)
+        self.transfer.host_waits(event)  # this I/O thread only (the computing thread waits on the future)
 
     def _row(self, row: int) -> torch.Tensor:
         return self.cache[row * self.stride : (row + 1) * self.stride]
@@ -345,7 +395,7 @@ class _CompactExperts(_ExpertLayer):
     def _start_fetch(self, expert: int) -> None:
         row = expert if self.identity else self.free_rows.pop()
         self.resident[expert] = row
-        self.pending[expert] = self.state.pipeline._io.submit(self._read, expert, self._row(row))
+        self.pending[expert] = self.context.readers.submit(self._read, expert, self._row(row))
         self._count_fetch()
 
     def _evict(self, expert: int) -> None:
@@ -367,14 +417,14 @@ class _CompactExperts(_ExpertLayer):
             ids = (top_k_index != routed[0]).to(top_k_index.dtype)  # (tokens, k): 0, or 1 past the last expert
         else:
             count = len(routed)
-            scratch = _aligned_empty(count * self.stride, self.device)
+            scratch = self.transfer.device_buffer(count * self.stride)
             allocated = None
-            if self.cuda and uncached:  # the allocator may hand out memory that queued kernels still read
-                allocated = torch.cuda.Event()
-                allocated.record(torch.cuda.current_stream(self.device))
+            if uncached:  # the allocator may hand out memory that queued kernels still read
+                allocated = self.transfer.event()
+                self.transfer.computed(allocated)
             position = {expert: j for j, expert in enumerate(routed)}
             direct = [
-                self.state.pipeline._io.submit(self._read, e, scratch[position[e] * self.stride :], allocated)
+                self.context.readers.submit(self._read, e, scratch[position[e] * self.stride :], allocated)
                 for e in uncached
             ]
             for _ in uncached:
@@ -403,8 +453,7 @@ class _CompactExperts(_ExpertLayer):
             self._unbind(module)
 
     def _after(self, routed: list[int]) -> None:
-        if self.cuda:
-            self.free_event.record(torch.cuda.current_stream(self.device))
+        self.transfer.computed(self.free_event)
 
 
 def routed_experts_forward(
@@ -423,50 +472,62 @@ def routed_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
 
 
-def _router_name(state: _OffloadState, experts_name: str, num_experts: int, hidden: int) -> str | None:
-    """The router weight of the MoE block holding `experts_name`: a `(num_experts, hidden)` parameter beside it."""
-    block = experts_name.rpartition(".")[0]
-    for name, param in state.originals.items():
-        if name.startswith(block + ".") and not name.startswith(experts_name + "."):
-            if tuple(param.shape) == (num_experts, hidden):
-                return name
-    return None
-
-
 def _backend(device: torch.device) -> type[_ExpertLayer]:
     return _VirtualExperts if device.type == "cpu" else _CompactExperts
 
 
-def attach_experts(state: _OffloadState) -> list[_ExpertLayer]:
-    """Build the expert layers of an offloaded model and switch its experts implementation to routed fetching."""
-    cls = _backend(state.device)
-    layers: list[_ExpertLayer] = []
-    for plan in state.plans:
-        for layout in plan.experts:
-            module = state.experts_modules[layout.group.module]
-            implementation = module.config._experts_implementation
-            layers.append(cls(state, module, plan, layout, implementation))
-    for layer, following in itertools.pairwise(layers):
-        layer.next = following
-    if layers and state.device.type == "cuda" and not (isinstance(state.store, CpuStore) and state.store.pinned):
-        stride = max(layer.layout.stride for layer in layers)
-        for _ in range(state.config.io_threads):
-            state.expert_staging.put(_aligned_empty(stride, torch.device("cpu"), pin=state.config.pin_memory))
-    for layer in layers:
-        hidden = layer.layout.group.params[-1].shape[1]  # down_proj: (experts, hidden, intermediate)
-        name = _router_name(state, layer.layout.group.module, layer.num_experts, hidden)
-        if name is not None and state.config.speculative_prefetch:
-            layer.router_weight = state.read_tensor(name).float().to(state.device)
-        state.pipeline.stats.expert_cache_bytes += layer.capacity * layer.layout.stride
-        setattr(layer.module, _LAYER_ATTR, layer)
-    for layer in layers:
-        layer.module.config._experts_implementation_internal = IMPLEMENTATION
-    return layers
+class ExpertsRuntime:
+    """The expert layers of one offloaded model, their routing policy and their shared staging buffers.
 
+    Args:
+        context: what the layers share (store, readers, transfer, stats, placeholders, cache size, ...).
+        plans: the units' plans; each `ExpertLayout` of a plan becomes one layer.
+        modules: the experts module of each layout (by its module name).
+        implementations: the model's own experts implementation of each module (by name), run on the fetched
+            experts.
+        router_weights: a device copy of each layer's router weight (by experts module name), for speculation;
+            None where the router is unknown.
+        break_even: the fraction of a layer's experts above which a forward streams whole layers.
+        group: the process group all ranks decide with, or None.
+    """
 
-def detach_experts(state: _OffloadState, layers: list[_ExpertLayer]) -> None:
-    for layer in layers:
-        layer.close()
-        layer.module.config._experts_implementation_internal = layer.implementation
-        if hasattr(layer.module, _LAYER_ATTR):
-            delattr(layer.module, _LAYER_ATTR)
+    def __init__(
+        self,
+        context: ExpertsContext,
+        plans: list[UnitPlan],
+        modules: dict[str, nn.Module],
+        implementations: dict[str, Callable],
+        router_weights: dict[str, torch.Tensor | None],
+        break_even: float,
+        group=None,
+    ):
+        cls = _backend(context.transfer.device)
+        self.layers: list[_ExpertLayer] = []
+        for plan in plans:
+            for layout in plan.experts:
+                name = layout.group.module
+                layer = cls(context, modules[name], plan, layout, implementations[name])
+                layer.router_weight = router_weights.get(name)
+                self.layers.append(layer)
+        for layer, following in itertools.pairwise(self.layers):
+            layer.next = following
+        transfer = context.transfer
+        if self.layers and transfer.cuda and not (context.store.in_memory and context.store.pinned):
+            transfer.add_staging(context.io_threads, max(layer.layout.stride for layer in self.layers))
+        self.policy = RoutingPolicy(self.layers, break_even, group, transfer.device)
+        for layer in self.layers:
+            layer.policy = self.policy
+            context.stats.expert_cache_bytes += layer.capacity * layer.layout.stride
+            setattr(layer.module, _LAYER_ATTR, layer)
+
+    def begin_forward(self, num_tokens: int | None) -> bool:
+        return self.policy.begin_forward(num_tokens)
+
+    def end_forward(self) -> None:
+        self.policy.end_forward()
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+            if getattr(layer.module, _LAYER_ATTR, None) is layer:
+                delattr(layer.module, _LAYER_ATTR)

@@ -19,84 +19,22 @@ A MoE unit has two plans: whole, and without its experts (`routed`), which then 
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections import deque
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
 
 import torch
 
-from .store import ALIGN, CpuStore, MappedRun, UnitPlan, align_up, madvise
+from . import pages
+from .layout import UnitPlan, align_up
+from .stats import OffloadStats
+from .transfer import Transfer
 
 
-@dataclass
-class OffloadStats:
-    """Counters of an offloaded model since `enable_offload` (or the last `get_offload_stats(model, reset=True)`).
+class Slot:
+    """One device buffer of the ring (or, with mapped pages, the mapping of the unit it holds)."""
 
-    Attributes:
-        bytes_fetched: bytes copied into the execution device's slots.
-        units_fetched: unit fetches started (prefetched or on demand).
-        fetch_wait_seconds: time the computing thread waited for weights (stalls).
-        store_read_bytes: bytes read from each store ("cpu", "nvme"), this process only.
-        prefetch_hits: units whose fetch had finished when they were needed.
-        on_demand_fetches: units fetched only when needed (the first forward, `prefetch_depth=0`, a resync).
-        resyncs: times the execution order differed from the learned one.
-        forward_passes: forwards of the model.
-        peak_resident_units: most units held in device slots at once (at most `prefetch_depth + 1`).
-        slot_bytes: device memory of the slot ring.
-        resident_bytes: device memory of what always stays there (buffers, parameters of the top-level modules).
-        expert_cache_hits: routed experts of MoE layers that were on the device already (cached, or fetched by a
-            speculative prefetch) when their layer needed them.
-        expert_cache_misses: routed experts fetched when their layer needed them.
-        expert_bytes_fetched: bytes of experts fetched one by one (also counted in `bytes_fetched`).
-        speculative_fetches: experts fetched ahead on a guess of the next MoE layer's router.
-        speculated: experts guessed for a MoE layer; `speculated_correct` of them were routed there, out of the
-            `speculated_needed` experts that layer routed to (precision and recall: the properties below).
-        whole_layer_forwards: forwards that streamed MoE layers whole (tokens enough to touch most experts).
-        expert_cache_bytes: device memory of the expert caches.
-    """
-
-    bytes_fetched: int = 0
-    units_fetched: int = 0
-    fetch_wait_seconds: float = 0.0
-    store_read_bytes: dict[str, int] = field(default_factory=dict)
-    prefetch_hits: int = 0
-    on_demand_fetches: int = 0
-    resyncs: int = 0
-    forward_passes: int = 0
-    peak_resident_units: int = 0
-    slot_bytes: int = 0
-    resident_bytes: int = 0
-    expert_cache_hits: int = 0
-    expert_cache_misses: int = 0
-    expert_bytes_fetched: int = 0
-    speculative_fetches: int = 0
-    speculated: int = 0
-    speculated_correct: int = 0
-    speculated_needed: int = 0
-    whole_layer_forwards: int = 0
-    expert_cache_bytes: int = 0
-
-    @property
-    def expert_hit_rate(self) -> float:
-        """Fraction of the routed experts found on the device."""
-        total = self.expert_cache_hits + self.expert_cache_misses
-        return self.expert_cache_hits / total if total else 0.0
-
-    @property
-    def speculation_precision(self) -> float:
-        """Fraction of the speculatively guessed experts that their layer routed to."""
-        return self.speculated_correct / self.speculated if self.speculated else 0.0
-
-    @property
-    def speculation_recall(self) -> float:
-        """Fraction of the routed experts (of layers with a guess) that had been guessed."""
-        return self.speculated_correct / self.speculated_needed if self.speculated_needed else 0.0
-
-
-class _Slot:
-    def __init__(self, index: int, nbytes: int, device: torch.device, staging: bool, pin: bool, mapped: bool):
+    def __init__(self, index: int, nbytes: int, transfer: Transfer, staging: bool, mapped: bool):
         self.index = index
         self.unit: int | None = None
         self.plan: UnitPlan | None = None
@@ -104,23 +42,24 @@ class _Slot:
         self.bound = False
         # memory-mapped mode: (offset in the unit, uint8 tensor) for each range of the unit held, no buffer
         self.mapped: list[tuple[int, torch.Tensor]] | None = None
-        self.runs: list[MappedRun] = []
-        if mapped:
-            self.buffer = self.staging = None
-        elif device.type == "cpu":
-            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-            start = (-raw.data_ptr()) % ALIGN  # O_DIRECT needs an aligned destination
-            self.buffer = raw[start : start + nbytes]
-            self.staging = None
-        else:
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self.staging = None
-            if staging:
-                raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
-                start = (-raw.data_ptr()) % ALIGN
-                self.staging = raw[start : start + nbytes]
-            self.ready_event = torch.cuda.Event()
-            self.free_event = torch.cuda.Event()
+        self.runs: list = []
+        self.buffer = None if mapped else transfer.device_buffer(nbytes)
+        self.staging = transfer.staging_buffer(nbytes) if staging and transfer.cuda and not mapped else None
+        self.ready_event = transfer.event()  # the copy into this slot is done
+        self.free_event = transfer.event()  # the compute stream is done with this slot
+
+    @property
+    def view_key(self) -> tuple[int, int]:
+        """What views of the unit's tensors in this slot depend on: with mapped pages the plan's mapping (the same at
+        every fetch), else the slot's buffer and the plan."""
+        return (-1 if self.mapped is not None else self.index, id(self.plan))
+
+    def region(self, offset: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` at `offset` of the unit held, as a uint8 tensor."""
+        if self.mapped is None:
+            return self.buffer[offset : offset + nbytes]
+        start, data = next((s, d) for s, d in self.mapped if s <= offset < s + d.numel())
+        return data[offset - start : offset - start + nbytes]
 
 
 class FetchPipeline:
@@ -130,19 +69,32 @@ class FetchPipeline:
         self,
         plans: list[UnitPlan],
         store,
-        device: torch.device,
+        transfer: Transfer,
+        readers: Executor,
+        stats: OffloadStats,
         depth: int,
-        io_threads: int,
         chunk_bytes: int,
-        pin: bool,
         group=None,
         map_files: bool = False,
     ):
+        """
+        Args:
+            plans: the units' plans (a MoE unit's `dense` plan is fetched while `routed`).
+            store: the store the units are read from.
+            transfer: copies into the execution device (streams, events, staging buffers).
+            readers: the reader threads that a unit's reads are split over.
+            stats: the counters this pipeline adds to.
+            depth: units fetched ahead of the one computing (`depth + 1` slots).
+            chunk_bytes: the largest read given to one reader.
+            group: the process group whose ranks each read 1/N of a unit, or None.
+            map_files: on the CPU device, map the store's pages instead of reading them into slot buffers.
+        """
         self.plans = plans
         # MoE units fetch only their dense part while `routed` (their experts come one by one, see experts.py)
         self.routed = False
         self.store = store
-        self.device = device
+        self.transfer = transfer
+        self.device = transfer.device
         self.depth = depth
         self.chunk_bytes = chunk_bytes
         self.group = group
@@ -153,18 +105,20 @@ class FetchPipeline:
         self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
         self._payload = {id(p): sum(r.nbytes for r in p.ranges) for p in every}
         slot_bytes = max(self._share[id(p)] * self.world for p in plans)
-        direct_copy = isinstance(store, CpuStore) and self.world == 1
-        self.map_files = map_files and device.type == "cpu" and self.world == 1 and hasattr(store, "map_runs")
-        self.slots = [_Slot(i, slot_bytes, device, not direct_copy, pin, self.map_files) for i in range(depth + 1)]
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.free: deque[_Slot] = deque(self.slots)
-        self.resident: dict[int, _Slot] = {}
+        direct_copy = store.in_memory and self.world == 1  # CPU arenas copy straight to the device
+        self.map_files = (
+            map_files and self.device.type == "cpu" and self.world == 1 and store.mappable and pages.supported()
+        )
+        self.slots = [Slot(i, slot_bytes, transfer, not direct_copy, self.map_files) for i in range(depth + 1)]
+        self.free: deque[Slot] = deque(self.slots)
+        self.resident: dict[int, Slot] = {}
         self.order: list[int] | None = None
         self.recording: list[int] = []
         self.pos = -1
-        self.stats = OffloadStats(slot_bytes=0 if self.map_files else slot_bytes * len(self.slots))
-        self._mappings: dict[int, tuple[list[MappedRun], list[tuple[int, torch.Tensor]]]] = {}
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="hf_moe_offload-io")
+        self.stats = stats
+        stats.slot_bytes = 0 if self.map_files else slot_bytes * len(self.slots)
+        self._mappings: dict[int, tuple[list, list[tuple[int, torch.Tensor]]]] = {}
+        self._readers = readers
         self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
 
     # -- the fetch, on the coordinator thread ---------------------------------------------------------------------
@@ -190,7 +144,7 @@ class FetchPipeline:
             start = lo
             while start < hi:
                 end = min(hi, (start // self.chunk_bytes + 1) * self.chunk_bytes)
-                futures.append(self._io.submit(self.store.read, rng, host, start, end))
+                futures.append(self._readers.submit(self.store.read, rng, host, start, end))
                 start = end
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
@@ -206,7 +160,7 @@ class FetchPipeline:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
         gather(buffer[: share * self.world], mine, group=self.group)
 
-    def _fetch(self, plan: UnitPlan, slot: _Slot) -> None:
+    def _fetch(self, plan: UnitPlan, slot: Slot) -> None:
         if self.map_files:
             # each plan's ranges are mapped once; a fetch maps their pages, freeing the slot unmaps them
             entry = self._mappings.get(id(plan))
@@ -224,20 +178,19 @@ class FetchPipeline:
                 self._all_gather(slot.buffer, plan)
             return
         nbytes = self._share[id(plan)] * self.world
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(slot.free_event)  # the previous unit in this slot has finished computing
+        with self.transfer.copying(after=slot.free_event):  # the previous unit in this slot has finished computing
             if slot.staging is None:
                 for rng in plan.ranges:  # pinned CPU store: one asynchronous copy per range
                     self.store.read(rng, slot.buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
             else:
-                slot.ready_event.synchronize()  # the staging buffer's previous copy is done (this thread only)
+                self.transfer.host_waits(slot.ready_event)  # the staging buffer's previous copy is done
                 self._read_ranges(plan, slot.staging)
                 slot.buffer[:nbytes].copy_(slot.staging[:nbytes], non_blocking=True)
                 if self.world > 1:
                     self._all_gather(slot.buffer, plan)
-            slot.ready_event.record(self.copy_stream)
+            self.transfer.copied(slot.ready_event)
 
-    def _submit(self, unit: int, slot: _Slot) -> None:
+    def _submit(self, unit: int, slot: Slot) -> None:
         plan = self.plan_of(unit)
         slot.unit, slot.plan = unit, plan
         slot.future = self._coordinator.submit(self._fetch, plan, slot)
@@ -249,11 +202,11 @@ class FetchPipeline:
     # -- the computing thread ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _unmap_pages(runs: list[MappedRun]) -> None:
+    def _unmap_pages(runs: list) -> None:
         for run in runs:
-            madvise(run.data, mmap.MADV_DONTNEED)
+            pages.drop(run.data)
 
-    def _free_slot(self, slot: _Slot) -> None:
+    def _free_slot(self, slot: Slot) -> None:
         self.resident.pop(slot.unit, None)
         if slot.runs:
             # off this thread (a large unit takes milliseconds), in order with the fetches (a later fetch of the same
@@ -271,7 +224,7 @@ class FetchPipeline:
                 wait([slot.future])
             self._free_slot(slot)
 
-    def _take_slot(self) -> _Slot:
+    def _take_slot(self) -> Slot:
         if not self.free:
             self.drain()
         if not self.free:
@@ -289,7 +242,7 @@ class FetchPipeline:
         else:
             self.order, self.recording, self.pos = None, [unit], -1
 
-    def acquire(self, unit: int) -> _Slot:
+    def acquire(self, unit: int) -> Slot:
         """Called before `unit` computes: returns its slot once the weights are there."""
         if self.order is None:
             self.recording.append(unit)
@@ -313,8 +266,7 @@ class FetchPipeline:
             raise
         finally:
             self.stats.fetch_wait_seconds += time.perf_counter() - start
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
+        self.transfer.compute_waits(slot.ready_event)
         slot.bound = True
         self._prefetch()
         return slot
@@ -324,8 +276,7 @@ class FetchPipeline:
         slot = self.resident.get(unit)
         if slot is None:
             return
-        if self.copy_stream is not None:
-            slot.free_event.record(torch.cuda.current_stream(self.device))
+        self.transfer.computed(slot.free_event)
         self._free_slot(slot)
         self._prefetch()
 
@@ -349,6 +300,9 @@ class FetchPipeline:
                 self._submit(unit, self.free.popleft())
 
     def close(self) -> None:
+        """Wait for every fetch, drop every mapping and stop the coordinator thread (the readers are the caller's)."""
+        for slot in self.resident.values():
+            slot.bound = False
         self.drain()
         self._coordinator.shutdown(wait=True)
-        self._io.shutdown(wait=True)
+        self._mappings.clear()

@@ -1,279 +1,80 @@
-"""Weight stores: where every offloaded byte lives between two uses.
-
-A model is cut into *units* (the embedding, each decoder block, the final norm, the head). Each unit's own tensors are
-packed into one contiguous region, largest element size first so every tensor stays aligned to its dtype; a tensor
-shared with an earlier unit (tied embeddings) is not stored twice, the later unit reads it from its owner's region.
-A unit is fetched with a list of `ReadRange`s into one buffer whose layout is the unit's `UnitPlan`.
-
-The experts of a MoE layer (the transformers v5 fused parameters `gate_up_proj`/`up_proj`, `down_proj` and their
-biases, each `(num_experts, ...)`) are stored expert-major after the unit's dense tensors: expert `e`'s slices of every
-fused parameter form one 4 KiB-aligned region, so fetching one expert is one read, and the whole layer is still one
-region (read at once when every expert is wanted). In the safetensors files the slices are entries named
-`<experts module>.<e>.<parameter>`.
+"""Weight stores: where every offloaded byte lives between two uses, and how it is read back.
 
 - `CpuStore`: one arena (a uint8 tensor) per unit in host memory, page-locked when the execution device is CUDA.
 - `NvmeStore`: one safetensors file per unit in a directory, the data starting on a 4 KiB boundary so the region can
   be read with `O_DIRECT`, plus `manifest.json` (layout, sizes, CRC32 checksums, the source's fingerprint) written
   last and atomically. A store is reused only when its manifest says it holds the same tensors from the same source
   and every file has its recorded size and checksum; without a manifest (an interrupted write) or with another
-  source it is rebuilt. Tensors may also be read straight from a checkpoint's safetensors shards (no copy on disk).
+  source it is rebuilt.
+- `CheckpointStore`: ranges read straight from a checkpoint's safetensors shards (no copy on disk).
+
+The layout of each unit's region is `layout.py`'s; this module only reads and writes bytes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
-import mmap
 import os
 import shutil
 import struct
+import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from . import pages
+from .layout import ALIGN, SAFETENSORS_DTYPES, ReadRange, TensorSource, TensorSpec, UnitPlan, align_up, tensor_bytes
+
 
 logger = logging.get_logger(__name__)
 
-ALIGN = 4096
-# Every tensor starts on a 64-byte boundary like torch's CPU allocations: kernels see the alignment they see in memory.
-TENSOR_ALIGN = 64
 STORE_FORMAT = 2  # 2: experts stored expert-major
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MAP_MERGE_GAP = 1 << 20  # map across gaps up to this size between ranges rather than map twice
 MANIFEST = "manifest.json"
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+
+def check_writable_dir(path: str, what: str = "nvme_path") -> None:
+    """Create `path` if needed and check that a file can be created in it; a clear ValueError otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{what} ({path}) cannot be created: {err.strerror or err}") from err
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} ({path}) is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hf_moe_offload_probe_", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} ({path}) is not writable: {err.strerror or err}") from err
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
+def weights_fingerprint(plans: list[UnitPlan], source: TensorSource) -> dict:
+    """The fingerprint of a store written from weights in memory: a CRC32 of each unit's own tensors."""
+    crcs = []
+    for plan in plans:
+        crc = 0
+        for tensor in source(plan):
+            crc = crc32_tensor(tensor_bytes(tensor), crc)
+        crcs.append(crc)
+    return {"source": "weights", "crc32": crcs}
 
 
-def madvise(data: torch.Tensor, advice: int) -> None:
-    """madvise(2) on the pages under the CPU tensor `data`, without the GIL (`mmap.madvise` holds it for the whole
-    call: populating a unit's pages on an I/O thread would stop the computing thread). `MADV_DONTNEED` covers only the
-    pages entirely inside `data` (a neighbour's bytes are never dropped); other advice every page it touches."""
-    start, end = data.data_ptr(), data.data_ptr() + data.numel() * data.element_size()
-    page = mmap.PAGESIZE
-    if advice == mmap.MADV_DONTNEED:
-        start, end = align_up(start, page), end - end % page
-    else:
-        start, end = start - start % page, align_up(end, page)
-    if end > start and _libc.madvise(start, end - start, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def align_up(n: int, alignment: int = ALIGN) -> int:
-    return -(-n // alignment) * alignment
-
-
-def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The bytes of a CPU tensor as a flat uint8 tensor (a view when the tensor is contiguous)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class ReadRange:
-    """`nbytes` at `src_offset` of `source` (a unit key or a checkpoint file) go to `dst_offset` of the unit buffer."""
-
-    source: str
-    src_offset: int
-    dst_offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class ExpertGroup:
-    """The experts of one MoE layer: the fused `(num_experts, ...)` parameters of its experts module."""
-
-    module: str
-    params: tuple[TensorSpec, ...]
-
-    @property
-    def num_experts(self) -> int:
-        return self.params[0].shape[0]
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where the experts of one group sit in their unit's region: expert `e` at `offset + e * stride`, its slice of
-    parameter `i` at `param_offsets[i]` inside that."""
-
-    group: ExpertGroup
-    offset: int
-    stride: int
-    nbytes: int  # bytes of one expert's slices (<= stride)
-    param_offsets: tuple[int, ...]
-
-    @property
-    def num_experts(self) -> int:
-        return self.group.num_experts
-
-    def piece(self, expert: int, param: int) -> TensorSpec:
-        spec = self.group.params[param]
-        attr = spec.name.rpartition(".")[2]
-        return TensorSpec(f"{self.group.module}.{expert}.{attr}", spec.dtype, spec.shape[1:])
-
-    def views(self, buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
-        """The fused parameters of `count` experts stored back to back (`stride` apart) in the uint8 `buffer`, as
-        `(count, ...)` views (strided over the experts, each expert's slice contiguous)."""
-        rows = buffer[: count * self.stride].view(count, self.stride)
-        views = []
-        for spec, start in zip(self.group.params, self.param_offsets, strict=True):
-            piece = rows[:, start : start + spec.nbytes // spec.shape[0]]
-            views.append(piece.view(spec.dtype).view(count, *spec.shape[1:]))
-        return views
-
-
-@dataclass
-class UnitPlan:
-    """Where each tensor of one unit sits in its fetch buffer, and the reads that fill that buffer."""
-
-    index: int
-    name: str
-    tensors: list[tuple[TensorSpec, int]] = field(default_factory=list)  # (spec, offset in the unit buffer)
-    own: list[tuple[TensorSpec, int]] = field(default_factory=list)  # the tensors stored in this unit's region
-    own_nbytes: int = 0
-    nbytes: int = 0  # buffer bytes, 4 KiB aligned
-    ranges: list[ReadRange] = field(default_factory=list)
-    experts: list[ExpertLayout] = field(default_factory=list)  # MoE layers of the unit, in the buffer like the region
-    pieces: dict[str, tuple[str, int]] = field(default_factory=dict)  # own expert slice -> (fused parameter, expert)
-    dense: UnitPlan | None = None  # the same unit without its experts (fetched when experts come one by one)
-
-    @property
-    def key(self) -> str:
-        return f"unit_{self.index:05d}"
-
-
-def plan_units(
-    units: list[tuple[str, list[TensorSpec]]], experts: dict[int, list[ExpertGroup]] | None = None
-) -> list[UnitPlan]:
-    """Lay out every unit: own tensors packed by decreasing element size, then the unit's experts (expert-major, see
-    the module docstring), borrowed (tied) tensors after them. `experts` maps a unit index to its MoE layers."""
-    experts = experts or {}
-    owner: dict[str, tuple[UnitPlan, int]] = {}
-    plans = []
-    for index, (name, specs) in enumerate(units):
-        plan = UnitPlan(index=index, name=name)
-        own = [spec for spec in specs if spec.name not in owner]
-        offset = 0
-        for spec in sorted(own, key=lambda s: -s.dtype.itemsize):
-            offset = align_up(offset, TENSOR_ALIGN)
-            plan.own.append((spec, offset))
-            plan.tensors.append((spec, offset))
-            owner[spec.name] = (plan, offset)
-            offset += spec.nbytes
-        dense_nbytes = offset
-        for group in experts.get(index, []):
-            offset = align_up(offset)
-            param_offsets, blob = [], 0
-            for spec in group.params:
-                blob = align_up(blob, TENSOR_ALIGN)
-                param_offsets.append(blob)
-                blob += spec.nbytes // spec.shape[0]
-            layout = ExpertLayout(group, offset, align_up(blob), blob, tuple(param_offsets))
-            plan.experts.append(layout)
-            for expert in range(group.num_experts):
-                for param, start in enumerate(param_offsets):
-                    piece = layout.piece(expert, param)
-                    plan.own.append((piece, offset + expert * layout.stride + start))
-                    plan.pieces[piece.name] = (group.params[param].name, expert)
-            offset += group.num_experts * layout.stride
-        plan.own_nbytes = offset
-        borrowed = [spec for spec in specs if spec.name not in {s.name for s in own}]
-        _finish(plan, borrowed, owner)
-        if plan.experts:
-            plan.dense = UnitPlan(index=index, name=name, tensors=list(plan.tensors[: len(own)]))
-            _finish(plan.dense, borrowed, owner, region_nbytes=dense_nbytes)
-        plans.append(plan)
-    return plans
-
-
-def _finish(
-    plan: UnitPlan, borrowed: list[TensorSpec], owner: dict[str, tuple[UnitPlan, int]], region_nbytes: int = -1
-) -> None:
-    """Add the reads of `plan`: its own region (the first `region_nbytes` of it), then each borrowed tensor."""
-    nbytes = plan.own_nbytes if region_nbytes < 0 else region_nbytes
-    if nbytes:
-        plan.ranges.append(ReadRange(plan.key, 0, 0, nbytes))
-    offset = align_up(nbytes)
-    for spec in borrowed:
-        src_plan, src_offset = owner[spec.name]
-        plan.tensors.append((spec, offset))
-        plan.ranges.append(ReadRange(src_plan.key, src_offset, offset, spec.nbytes))
-        offset = align_up(offset + spec.nbytes)
-    plan.nbytes = align_up(max(offset, 1))
-
-
-def own_tensors(plan: UnitPlan, get: Callable[[str], torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The CPU tensors of `plan.own` in order, from `get(parameter name)`; an expert slice is cut from its fused
-    parameter, which is fetched once per unit."""
-    fused: dict[str, torch.Tensor] = {}
-    for spec, _ in plan.own:
-        piece = plan.pieces.get(spec.name)
-        if piece is None:
-            yield get(spec.name)
-            continue
-        name, expert = piece
-        if name not in fused:
-            fused[name] = get(name)
-        yield fused[name][expert]
-
-
-def assemble(plan: UnitPlan, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(parameter name, CPU tensor) of a unit from the (spec, tensor) pairs of its own region: expert slices are put
-    back together into their fused parameters."""
-    fused: dict[str, torch.Tensor] = {}
-    for spec, tensor in pairs:
-        piece = plan.pieces.get(spec.name)
-        if piece is None:
-            yield spec.name, tensor
-            continue
-        name, expert = piece
-        if name not in fused:
-            group_spec = next(s for layout in plan.experts for s in layout.group.params if s.name == name)
-            fused[name] = torch.empty(group_spec.shape, dtype=group_spec.dtype)
-        fused[name][expert].copy_(tensor)
-    yield from fused.items()
-
-
-# A function giving the CPU tensors of a unit's own region, in the order of `plan.own`.
-TensorSource = Callable[[UnitPlan], Iterable[torch.Tensor]]
+def checkpoint_fingerprint(name: str, dtype: torch.dtype, files: list[str]) -> dict:
+    """The fingerprint of a store written from checkpoint shards: the checkpoint's name, the dtype, and each shard's
+    name, size and modification time."""
+    return {
+        "source": "checkpoint",
+        "name": name,
+        "dtype": str(dtype),
+        "files": [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+    }
 
 
 def crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
@@ -289,6 +90,8 @@ class CpuStore:
 
     name = "cpu"
     direct_io = False
+    mappable = False  # its arenas are host memory already: nothing to map
+    in_memory = True  # reads are copies from host memory (asynchronous to CUDA from pinned arenas)
 
     def __init__(self, plans: list[UnitPlan], source: TensorSource, pin: bool = False, progress: bool = True):
         self.arenas: dict[str, torch.Tensor] = {}
@@ -374,6 +177,9 @@ class _FileStore:
     """Reads `ReadRange`s from files with `pread` (from I/O threads; `os.preadv` releases the GIL)."""
 
     name = "nvme"
+    pinned = False
+    in_memory = False
+    mappable = True  # `map_runs`: pages mapped from the page cache instead of read into buffers
 
     def __init__(self, path: str, paths: dict[str, str], data_start: dict[str, int], direct_io: bool):
         self.path = path
@@ -473,30 +279,21 @@ class _FileStore:
         self.populate(run.data)
 
     def map_lazily(self, rng: ReadRange) -> torch.Tensor:
-        """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet: `populate` and
-        `madvise(..., MADV_DONTNEED)` map and unmap parts of it (the mapping goes away with the last tensor viewing
-        it; private: a write could never reach the file)."""
+        """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet (`populate` and
+        `pages.drop` map and unmap parts of it)."""
         path = self._paths[rng.source]
         start = self._data_start[rng.source] + rng.src_offset
-        base = start - start % mmap.ALLOCATIONGRANULARITY
         fd = self._fd(rng.source, False)
         if os.fstat(fd).st_size < start + rng.nbytes:
             raise RuntimeError(
                 f"NVMe store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; delete "
                 f"{self.path} to rebuild the store"
             )
-        mapping = mmap.mmap(
-            fd, start + rng.nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
-        )
-        return torch.frombuffer(mapping, dtype=torch.uint8, count=rng.nbytes, offset=start - base)
+        return pages.map_file(fd, start, rng.nbytes)
 
     def populate(self, data: torch.Tensor) -> None:
-        """Map the pages under `data` (a view of a mapping) now, reading them from the file when they are not in the
-        page cache (Linux >= 5.14; before, only a read-ahead hint)."""
-        try:
-            madvise(data, _MADV_POPULATE_READ)
-        except OSError:
-            madvise(data, mmap.MADV_WILLNEED)
+        """Map the pages under `data` (a view of a mapping of this store) now, counted as read."""
+        pages.populate(data)
         with self._lock:
             self.read_bytes += data.numel()
 
@@ -547,7 +344,7 @@ class NvmeStore(_FileStore):
             ],
         }
         if writer:
-            self._prepare_dir()
+            check_writable_dir(self.path)
             existing = self._load_manifest()
             if existing is not None and self._same_layout(existing, manifest):
                 logger.info(f"Reusing the NVMe store in {path}")
@@ -568,21 +365,6 @@ class NvmeStore(_FileStore):
                 self._data_start[key] = read_safetensors_header(file_path)[0]
 
     # -- building -------------------------------------------------------------------------------------------------
-
-    def _prepare_dir(self) -> None:
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"nvme_path ({self.path}) cannot be created: {err.strerror}") from err
-        if not os.path.isdir(self.path):
-            raise ValueError(f"nvme_path ({self.path}) is not a directory")
-        probe = os.path.join(self.path, f".write_probe_{os.getpid()}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"0")
-            os.remove(probe)
-        except OSError as err:
-            raise ValueError(f"nvme_path ({self.path}) is not writable: {err.strerror}") from err
 
     def _load_manifest(self) -> dict | None:
         try:
@@ -712,3 +494,37 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def read_tensor(store: CpuStore | _FileStore, plans: list[UnitPlan], name: str) -> torch.Tensor:
+    """One tensor of a unit's own region, read from `store` into a fresh CPU tensor (set-up, not counted as traffic)."""
+    spec, offset, plan = next((s, o, p) for p in plans for s, o in p.own if s.name == name)
+    data = torch.empty(spec.nbytes, dtype=torch.uint8)
+    store.read(ReadRange(plan.key, offset, 0, spec.nbytes), data, 0, spec.nbytes)
+    store.read_bytes -= spec.nbytes
+    return data.view(spec.dtype).view(spec.shape)
+
+
+def open_nvme_store(
+    path: str,
+    plans: list[UnitPlan],
+    source: TensorSource | None,
+    fingerprint: dict,
+    group=None,
+    *,
+    direct_io: bool = False,
+    verify: bool = True,
+) -> NvmeStore:
+    """The NVMe store of `plans` in `path`, written from `source` unless a valid one is there. With several processes
+    (`group`), rank 0 writes (or checks) it while the others wait at a barrier, then open it read-only."""
+    writer = group is None or group.rank() == 0
+    store = None
+    if writer:
+        store = NvmeStore(path, plans, source, fingerprint, direct_io=direct_io, verify=verify)
+    if group is not None:
+        torch.distributed.barrier(group=group)
+    if store is None:
+        store = NvmeStore(
+            path, plans, None, fingerprint, direct_io=direct_io, verify=False, writer=False, progress=False
+        )
+    return store

@@ -1,0 +1,205 @@
+"""`load_offloaded`: a causal LM loaded straight into an offload store, never held whole in memory.
+
+transformers builds the model on the meta device with every weight "on disk" (`device_map={"": "disk"}`); the lazy
+reader accelerate leaves behind serves the store's writer tensor by tensor, then its hooks are replaced by ours. With
+an NVMe store and a checkpoint already in the wanted dtype, the checkpoint's shards can be read in place (the
+checkpoint plans).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate.hooks import remove_hook_from_module
+from torch import nn
+
+from .api import attach, check_config, new_runtime
+from .layout import SAFETENSORS_DTYPES, UnitPlan, checkpoint_plans, own_tensors
+from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(name_or_path: str) -> None:
+    if not os.path.isdir(name_or_path):
+        return
+    files = os.listdir(name_or_path)
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"{name_or_path} holds a pickle checkpoint ({pickles[0]}); load_offloaded reads safetensors only (a pickle "
+            f"can run code and cannot be read in ranges). Convert it once: "
+            f"AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)"
+        )
+    raise ValueError(f"{name_or_path} holds no .safetensors weights")
+
+
+def _in_folder(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+class _DropDiskOffloadWarning(std_logging.Filter):
+    """accelerate warns that the parameters "were offloaded to the disk": true of the lazy-reading map that
+    `load_offloaded` asks for, which only serves to read the checkpoint and is replaced by the store."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "Some parameters are on the meta device" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_disk_offload_warning() -> Iterator[None]:
+    logger = std_logging.getLogger("accelerate.big_modeling")
+    dropped = _DropDiskOffloadWarning()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+def _lazy_weights(model: nn.Module):
+    """The lazy checkpoint reader accelerate attached for `device_map={"": "disk"}`.
+
+    Workaround: accelerate keeps it only as the `weights_map` of its `AlignDevicesHook`s (no public accessor); it is
+    read here and only here.
+    """
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is not None:
+            return getattr(weights_map, "dataset", weights_map)
+    raise RuntimeError("transformers did not offload the weights to disk (no accelerate weights map found)")
+
+
+def _locate_in_checkpoint(runtime, loader, offload_folder: str) -> dict[str, tuple[str, int]] | None:
+    """Each stored tensor's (shard path, absolute byte offset) when every one is in a checkpoint shard as the model
+    holds it (same dtype and shape, not converted by transformers), else None."""
+    if any(plan.experts for plan in runtime.plans):
+        return None
+    index = getattr(loader, "index", {})
+    headers: dict[str, tuple[int, dict]] = {}
+    located: dict[str, tuple[str, int]] = {}
+    for name in runtime.binding.placeholders:
+        entry = index.get(name)
+        if not entry or "safetensors_file" not in entry:
+            return None
+        path = os.path.abspath(entry["safetensors_file"])
+        if _in_folder(path, offload_folder):
+            return None
+        if path not in headers:
+            headers[path] = read_safetensors_header(path)
+        data_start, header = headers[path]
+        info = header.get(entry["weight_name"])
+        param = runtime.binding.originals[name]
+        if (
+            info is None
+            or info["dtype"] != SAFETENSORS_DTYPES.get(param.dtype)
+            or tuple(info["shape"]) != tuple(param.shape)
+        ):
+            return None
+        located[name] = (path, data_start + info["data_offsets"][0])
+    return located
+
+
+def load_offloaded(
+    name_or_path: str | os.PathLike,
+    config=None,
+    dtype: torch.dtype | str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load a causal LM straight into an offload store, never holding the whole model in memory.
+
+    The model is built on the meta device by `AutoModelForCausalLM.from_pretrained` (all weights "on disk"), then
+    the store is filled tensor by tensor from the checkpoint's safetensors shards. With an NVMe store and a
+    checkpoint already in `dtype`, the shards are read in place (no copy) unless `config.reuse_checkpoint=False`;
+    tensors transformers must convert (another dtype, fused experts) and every MoE model are written into the store.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`):
+            A checkpoint directory written by `save_pretrained`, or a Hub id, holding safetensors weights (pickle
+            checkpoints are refused).
+        config (`OffloadConfig`, *optional*):
+            Where the weights live and how they stream; defaults to `OffloadConfig()`.
+        dtype (`torch.dtype` or `str`, *optional*):
+            The weights' dtype (`torch.bfloat16`, `"float32"`, `"auto"`); default: the checkpoint's.
+        from_pretrained_kwargs:
+            Passed to `AutoModelForCausalLM.from_pretrained` (`trust_remote_code`, `revision`, ...); not
+            `device_map`, which the runtime sets itself.
+
+    Returns:
+        `torch.nn.Module`: the model, offloaded (undo with `disable_offload`, which loads it into CPU memory).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = check_config(config)
+    name_or_path = os.fspath(name_or_path)
+    if from_pretrained_kwargs.get("device_map") is not None:
+        raise ValueError("load_offloaded places the weights itself: do not pass device_map")
+    _check_safetensors(name_or_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name (e.g. 'bfloat16', 'float32', 'auto')")
+    # Tensors transformers must convert (fused experts, another dtype) pass through this folder once, on the NVMe
+    # drive when there is one: /tmp may be small.
+    scratch = config.nvme_path if config.offload_device == "nvme" else None
+    if scratch is not None:
+        check_writable_dir(scratch)
+    try:
+        offload_folder = tempfile.mkdtemp(prefix=".hf_moe_offload_convert_", dir=scratch)
+    except OSError as err:
+        raise ValueError(f"nvme_path ({scratch}) is not writable: {err.strerror}") from err
+    try:
+        with _quiet_disk_offload_warning():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                device_map={"": "disk"},
+                offload_folder=offload_folder,
+                dtype=dtype if dtype is not None else "auto",
+                use_safetensors=True,
+                **from_pretrained_kwargs,
+            )
+        loader = _lazy_weights(model)
+        remove_hook_from_module(model, recurse=True)
+        if hasattr(model, "hf_device_map"):
+            delattr(model, "hf_device_map")
+        _attach_from_checkpoint(model, config, name_or_path, loader, offload_folder)
+    finally:
+        shutil.rmtree(offload_folder, ignore_errors=True)
+    return model
+
+
+def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader, offload_folder: str) -> None:
+    runtime = new_runtime(model, config)
+
+    def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
+        return own_tensors(plan, loader.__getitem__)
+
+    plans = None
+    fingerprint = None
+    if config.offload_device == "nvme":
+        located = _locate_in_checkpoint(runtime, loader, offload_folder) if config.reuse_checkpoint else None
+        if located is not None:
+            plans = checkpoint_plans(runtime.plans, located)
+        else:
+            files = sorted(
+                {
+                    e["safetensors_file"]
+                    for e in getattr(loader, "index", {}).values()
+                    if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)
+                }
+            )
+            model_dtype = next(iter(runtime.binding.originals.values())).dtype
+            fingerprint = checkpoint_fingerprint(name_or_path, model_dtype, files)
+    attach(model, runtime, source, fingerprint, plans)

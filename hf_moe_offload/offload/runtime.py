@@ -1,0 +1,347 @@
+"""One offloaded model: its units and plans, its store, its pipeline, its experts, its hooks, wired together and
+taken apart again.
+
+`OffloadRuntime` is what the hooks call into (`acquire`/`release` a unit, gather embedding rows, begin and end a
+forward); it owns every resource of the offloaded model (reader threads, file descriptors, slots, pinned memory),
+released by `close()` or, should the model be garbage-collected while offloaded, by a finalizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.utils import logging
+
+from . import experts as experts_module
+from .binding import Binding
+from .config import OffloadConfig
+from .discovery import (
+    eager_experts_forward,
+    find_experts_modules,
+    find_parameters,
+    find_units,
+    is_under,
+    router_weight_name,
+)
+from .experts import ExpertsContext, ExpertsRuntime
+from .hooks import EmbeddingHook, RootHook, UnitHook, add_release_on_error, guard_methods, unguard_methods
+from .layout import (
+    ExpertGroup,
+    ReadRange,
+    TensorSource,
+    TensorSpec,
+    UnitPlan,
+    assemble,
+    own_tensors,
+    plan_units,
+    tensor_bytes,
+)
+from .prefetch import FetchPipeline
+from .stats import OffloadStats
+from .store import CheckpointStore, CpuStore, open_nvme_store, read_tensor
+from .transfer import Transfer
+
+
+logger = logging.get_logger(__name__)
+
+
+def process_group(config: OffloadConfig):
+    """The process group whose ranks share each unit's read, or None (one process)."""
+    import torch.distributed as dist
+
+    available = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if config.distributed is None:
+        use = available
+    else:
+        use = config.distributed
+        if use and not available:
+            raise ValueError("distributed=True needs an initialised torch.distributed group with several processes")
+    return dist.group.WORLD if use else None
+
+
+def _close_resources(experts: ExpertsRuntime | None, pipeline: FetchPipeline | None, readers, store) -> None:
+    """Stop threads, drop mappings and pinned buffers, close files. Idempotent; also the model's finalizer, so it
+    references none of the model's modules but the experts modules it detaches from."""
+    if experts is not None:
+        experts.close()
+    if pipeline is not None:
+        pipeline.close()
+    if readers is not None:
+        readers.shutdown(wait=True)
+    if store is not None:
+        store.close()
+
+
+class OffloadRuntime:
+    """Everything `enable_offload` changed on a model, the resources serving it, and how to undo it.
+
+    Args:
+        model: the model (changed in place by `attach`, put back by `detach`).
+        config: the offload knobs.
+        device: the execution device, resolved.
+    """
+
+    def __init__(self, model: nn.Module, config: OffloadConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.unit_modules = find_units(model)
+        parameters = find_parameters(model)
+        # MoE layers (v5 fused experts) inside the blocks: their experts are stored expert-major
+        self.experts_modules: dict[str, nn.Module] = {}
+        groups: dict[int, list[ExpertGroup]] = {}
+        fused: set[str] = set()
+        for index, (unit_name, unit_module) in enumerate(self.unit_modules):
+            for experts_name, module, attrs in find_experts_modules(unit_module, unit_name):
+                if getattr(module, "_is_expert_parallel", False):
+                    raise ValueError(
+                        f"{experts_name} is sharded by expert parallelism (ep_size > 1): an expert-parallel model "
+                        f"cannot be offloaded; load it without distributed_config to offload it"
+                    )
+                names = [f"{experts_name}.{attr}" for attr in attrs]
+                located = parameters.locations
+                if not names or any(name not in located or len(located[name]) > 1 for name in names):
+                    continue  # tied or shared expert weights: streamed with the block
+                originals = parameters.originals
+                params = tuple(TensorSpec(n, originals[n].dtype, tuple(originals[n].shape)) for n in names)
+                groups.setdefault(index, []).append(ExpertGroup(experts_name, params))
+                self.experts_modules[experts_name] = module
+                fused.update(names)
+        unit_specs: list[tuple[str, list[TensorSpec]]] = []
+        owned: set[str] = set()
+        for unit_name, _ in self.unit_modules:
+            specs = []
+            for name, param in parameters.originals.items():
+                if any(is_under(path, unit_name) for path in parameters.paths[name]):
+                    owned.add(name)
+                    if name not in fused:
+                        specs.append(TensorSpec(name, param.dtype, tuple(param.shape)))
+            unit_specs.append((unit_name, specs))
+        self.plans = plan_units(unit_specs, groups)
+        self.binding = Binding(parameters, owned, device)
+        self.router_names = {name: router_weight_name(model, name) for name in self.experts_modules}
+        self.counters = OffloadStats()
+        self.store = None
+        self.pipeline: FetchPipeline | None = None
+        self.experts: ExpertsRuntime | None = None
+        self.readers: ThreadPoolExecutor | None = None
+        self.resident_bytes = 0
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self.guarded: list[str] = []
+        self.previous_experts_implementation: str | None = None
+        self._release_hook = None
+        self._finalizer = None
+
+    @property
+    def expert_layers(self) -> list:
+        return self.experts.layers if self.experts is not None else []
+
+    def source(self, plan: UnitPlan) -> Iterator[torch.Tensor]:
+        """The CPU tensors of `plan`'s own region from the model's weights in memory (`enable_offload`)."""
+        return own_tensors(plan, lambda name: self.binding.originals[name].detach().cpu())
+
+    # -- attach / detach ----------------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, source: TensorSource, fingerprint, checkpoint_plans=None) -> None:
+        """Build the store, point every parameter at its placeholder, move buffers, add the hooks."""
+        config = self.config
+        group = process_group(config)
+        transfer = Transfer(self.device, pin=config.pin_memory)
+        try:
+            if checkpoint_plans is not None:
+                self.plans = checkpoint_plans
+                files = sorted({r.source for plan in checkpoint_plans for r in plan.ranges})
+                self.store = CheckpointStore(files, direct_io=False)
+            elif config.offload_device == "cpu":
+                self.store = CpuStore(self.plans, source, pin=transfer.pin)
+            else:
+                self.store = open_nvme_store(
+                    config.nvme_path,
+                    self.plans,
+                    source,
+                    fingerprint,
+                    group,
+                    direct_io=config.direct_io,
+                    verify=config.verify_checksums,
+                )
+            self.readers = ThreadPoolExecutor(config.io_threads, thread_name_prefix="hf_moe_offload-io")
+            self.pipeline = FetchPipeline(
+                self.plans,
+                self.store,
+                transfer,
+                self.readers,
+                self.counters,
+                config.prefetch_depth,
+                config.chunk_bytes,
+                group,
+                map_files=config.map_files and not config.direct_io,
+            )
+            self.binding.install_placeholders()
+            self.resident_bytes += self.binding.move_resident(self.device)
+            for module in model.modules():
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is None:
+                        continue
+                    self.buffers.append((module, name, buffer))
+                    module._buffers[name] = buffer.to(self.device)
+                    self.resident_bytes += buffer.numel() * buffer.element_size()
+            if config.expert_fetch == "routed" and self.experts_modules:
+                self._attach_experts(model, transfer, group)
+        except BaseException:
+            self._put_back_parameters()
+            _close_resources(self.experts, self.pipeline, self.readers, self.store)
+            raise
+        for index, (_, module) in enumerate(self.unit_modules):
+            plan = self.plans[index]
+            gather = type(module) is nn.Embedding and module.max_norm is None and len(plan.tensors) == 1
+            add_hook_to_module(module, (EmbeddingHook if gather else UnitHook)(self, index))
+        add_hook_to_module(model, RootHook(self, getattr(model, "_skip_keys_device_placement", None)))
+        self._release_hook = add_release_on_error(model, self)
+        self.guarded = guard_methods(model, f"the {config.offload_device} store and stream to {self.device}")
+        self._finalizer = weakref.finalize(
+            model, _close_resources, self.experts, self.pipeline, self.readers, self.store
+        )
+
+    def _attach_experts(self, model: nn.Module, transfer: Transfer, group) -> None:
+        config = self.config
+        if not hasattr(model, "set_experts_implementation"):
+            raise ValueError(
+                f"{type(model).__name__} is not a transformers PreTrainedModel: its experts implementation cannot be "
+                f"switched to routed fetching; use OffloadConfig(expert_fetch='all')"
+            )
+        implementation = model.config._experts_implementation
+        implementations = {
+            name: ALL_EXPERTS_FUNCTIONS.get_interface(implementation, eager_experts_forward(module))
+            for name, module in self.experts_modules.items()
+        }
+        router_weights = {}
+        for experts_name, router in self.router_names.items():
+            if router is not None and config.speculative_prefetch:
+                router_weights[experts_name] = read_tensor(self.store, self.plans, router).float().to(self.device)
+        context = ExpertsContext(
+            store=self.store,
+            readers=self.readers,
+            transfer=transfer,
+            stats=self.counters,
+            placeholders=self.binding.placeholders,
+            requires_grad=self.binding.requires_grad,
+            cache_size=config.expert_cache_size,
+            speculative=config.speculative_prefetch,
+            map_pages=self.pipeline.map_files,
+            io_threads=config.io_threads,
+        )
+        break_even = config.expert_break_even
+        if break_even is None:  # measured: benchmarks/README.md
+            break_even = 1.0 if self.pipeline.map_files else 0.75
+        self.experts = ExpertsRuntime(
+            context, self.plans, self.experts_modules, implementations, router_weights, break_even, group
+        )
+        self.previous_experts_implementation = implementation
+        model.set_experts_implementation(experts_module.IMPLEMENTATION)
+        if model.config._experts_implementation != experts_module.IMPLEMENTATION:
+            raise RuntimeError(
+                f"{type(model).__name__} did not accept experts_implementation={experts_module.IMPLEMENTATION!r} "
+                f"(transformers allows switching only for classes decorated with @use_experts_implementation); use "
+                f"OffloadConfig(expert_fetch='all')"
+            )
+
+    def _put_back_parameters(self) -> None:
+        """After a failed attach: every parameter and buffer back as it was (the weights are still in memory)."""
+        for name, original in self.binding.originals.items():
+            for module, attr in self.binding.locations[name]:
+                module._parameters[attr] = original
+        for module, name, buffer in self.buffers:
+            module._buffers[name] = buffer
+
+    def detach(self, model: nn.Module) -> None:
+        """Put every weight back where it was, bit for bit, remove the hooks and release every resource."""
+        self.release_all()
+        if self.experts is not None:
+            self.experts.close()
+            model.set_experts_implementation(self.previous_experts_implementation)
+        self.pipeline.close()
+        for _, module in self.unit_modules:
+            remove_hook_from_module(module)
+        remove_hook_from_module(model)
+        if self._release_hook is not None:
+            self._release_hook.remove()
+        unguard_methods(model, self.guarded)
+        self.binding.restore(
+            named for plan in self.plans for named in assemble(plan, self.store.tensors(plan))
+        )
+        for module, name, buffer in self.buffers:
+            module._buffers[name] = buffer
+        self._finalizer()  # closes the store and stops the threads
+
+    # -- what the hooks call --------------------------------------------------------------------------------------
+
+    def acquire(self, unit: int) -> None:
+        if unit in self.binding.bound:
+            raise RuntimeError(f"unit {self.plans[unit].name} was entered again while it runs (recursive forward)")
+        slot = self.pipeline.acquire(unit)
+        self.binding.bind(unit, self.plans[unit].name, self.binding.slot_views(unit, slot), slot.index)
+
+    def release(self, unit: int) -> None:
+        slot = self.binding.unbind(unit)
+        if slot is not None and slot != -1:
+            self.pipeline.release(unit)
+
+    def release_all(self) -> None:
+        """Release every unit still bound (a forward that raised)."""
+        for unit in list(self.binding.bound):
+            self.release(unit)
+
+    def gather_rows(self, unit: int, ids: torch.Tensor) -> torch.Tensor:
+        """Bind the rows of the embedding table of `unit` that `ids` use; returns `ids` renumbered into them."""
+        plan = self.plans[unit]
+        ((spec, offset),) = plan.tensors
+        rng = next(r for r in plan.ranges if r.dst_offset <= offset < r.dst_offset + r.nbytes)
+        table_start = rng.src_offset + (offset - rng.dst_offset)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        row_bytes = spec.nbytes // spec.shape[0]
+        rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype)
+        buffer = tensor_bytes(rows)
+        for k, row in enumerate(unique.tolist()):
+            if not 0 <= row < spec.shape[0]:
+                raise IndexError(f"index {row} is out of range for the embedding {spec.name} of {spec.shape[0]} rows")
+            start = k * row_bytes
+            self.store.read(
+                ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes), buffer, start, start + row_bytes
+            )
+        self.counters.bytes_fetched += buffer.numel()
+        param = nn.Parameter(rows.to(self.device), self.binding.requires_grad[spec.name])
+        self.binding.bind(unit, plan.name, [(spec.name, param)])
+        return inverse.to(ids.device)
+
+    def begin_forward(self, num_tokens: int | None = None) -> None:
+        # A forward interrupted by KeyboardInterrupt left units bound: put them back.
+        self.release_all()
+        self.counters.forward_passes += 1
+        if self.experts is not None:
+            routed = self.experts.begin_forward(num_tokens)
+            self.pipeline.set_routed(routed)
+            if not routed:
+                self.counters.whole_layer_forwards += 1
+
+    def end_forward(self) -> None:
+        self.pipeline.end_forward()
+        if self.experts is not None:
+            self.experts.end_forward()
+
+    # -- statistics ---------------------------------------------------------------------------------------------
+
+    def stats(self) -> OffloadStats:
+        stats = dataclasses.replace(self.counters)
+        stats.store_read_bytes = {self.store.name: self.store.read_bytes}
+        stats.resident_bytes = self.resident_bytes
+        return stats
+
+    def reset_stats(self) -> None:
+        self.counters.reset()
+        self.store.read_bytes = 0
