@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
+from hf_moe_offload.gpt_moe import parameter_counts, parameter_summary
 from hf_moe_offload.hub import write_model_card
 from hf_moe_offload.training import (
     BlockDataset,
@@ -170,7 +171,7 @@ def write_card(final: Path, name: str, meta: dict, args) -> Path:
 def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, meta: dict, args) -> dict:
     torch.manual_seed(args.seed)
     model = GPTMoEForCausalLM(config)
-    counts = config.parameter_counts()
+    counts = parameter_counts(config)
     tokens_per_step = args.batch_size * args.block_size
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / name / "trainer"),
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = []
     for name, config in model_configs(args, tokenizer).items():
-        print(f"{name}: {config.parameter_summary()}, {args.max_steps} steps", flush=True)
+        print(f"{name}: {parameter_summary(config)}, {args.max_steps} steps", flush=True)
         result = train_one(name, config, tokenizer, train, validation, meta, args)
         print(
             f"{name}: validation loss {result['final_validation_loss']:.4f}, "

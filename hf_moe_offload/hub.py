@@ -21,16 +21,28 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .gpt_moe import GPTMoEConfig
-from .gpt_moe.configuration_gpt_moe import _human_count
+from .gpt_moe.modeling_gpt_moe import MODEL_TAGS
+from .gpt_moe.presets import human_count, parameter_counts
 
 
 logger = logging.get_logger(__name__)
 
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "gpt_moe.md"
+
+
+def template_path(name: str = "gpt_moe.md") -> Path:
+    """A card template of model_cards/ (at the top of the repository): installed as the package data folder
+    `hf_moe_offload/model_cards/` by a wheel, read in place from a source checkout or an editable install."""
+    for folder in (Path(__file__).parent / "model_cards", Path(__file__).parent.parent / "model_cards"):
+        if (folder / name).is_file():
+            return folder / name
+    raise RuntimeError(f"the model card template {name} is missing (model_cards/): reinstall hf_moe_offload")
+
+
+TEMPLATE_PATH = template_path()
 # The model files use transformers 5.24 APIs (the `cache` argument, `use_experts_implementation`); setup.cfg pins
 # the same floor and a test keeps the two equal.
 MIN_TRANSFORMERS = "5.24"
-TAGS = ("custom_code", "moe", "mixture-of-experts", "gpt_moe")
+TAGS = MODEL_TAGS
 # A README.md that holds this line was written by `write_model_card` and may be rewritten; any other is the user's.
 MARKER = "Written by hf_moe_offload (`hf-moe-offload card`): run it again to refresh this card."
 CODE_FILES = ("configuration_gpt_moe.py", "modeling_gpt_moe.py")
@@ -65,7 +77,7 @@ def _architecture(config: GPTMoEConfig) -> dict[str, Any]:
         moe_where = "every block" if every == 1 else ("every other block" if every == 2 else f"every {every}th block")
         moe_blocks = f"{', '.join(map(str, moe))} (of 0-{config.num_hidden_layers - 1})"
         experts_text = str(experts[0]) if len(set(experts)) == 1 else " / ".join(map(str, experts)) + " (pyramid MoE)"
-    counts = config.parameter_counts()
+    counts = parameter_counts(config)
     eval_factor = config.eval_capacity_factor
     return {
         "num_layers": config.num_hidden_layers,
@@ -87,8 +99,8 @@ def _architecture(config: GPTMoEConfig) -> dict[str, Any]:
         "z_coef": config.router_z_loss_coef,
         "vocab_size": config.vocab_size,
         "tied": config.tie_word_embeddings,
-        "total_params": _human_count(counts["total"]),
-        "active_params": _human_count(counts["active"]),
+        "total_params": human_count(counts["total"]),
+        "active_params": human_count(counts["active"]),
     }
 
 
@@ -129,7 +141,7 @@ def _training(model_dir: Path) -> dict[str, Any] | None:
     return {
         "steps": state.get("global_step", 0),
         "epochs": f"{epoch:.2f}" if epoch else None,
-        "tokens": _human_count(tokens) if tokens else None,
+        "tokens": human_count(tokens) if tokens else None,
         "batch_size": state.get("train_batch_size"),
         "rows": rows,
         "router": router,
@@ -263,10 +275,20 @@ def push_to_hub(
     **card_kwargs: Any,
 ) -> CommitInfo:
     """Upload a GPT-MoE checkpoint to the Hub in one commit: weights (safetensors), config, the two code files with
-    `auto_map`, the tokenizer and the model card (refreshed with `repo_id`; `card_kwargs` go to `model_card`).
+    `auto_map`, the tokenizer and the model card (rendered for `repo_id` into the commit; the directory's own
+    `README.md` is left as it is: refresh it with `write_model_card` / `hf-moe-offload card`).
 
-    `model` is a checkpoint directory (its card is rewritten in place first) or a model in memory (saved to a
-    temporary directory with `tokenizer`). Trainer checkpoints, logs and pickles in the directory are not uploaded.
+    Args:
+        model (`str`, `os.PathLike` or `PreTrainedModel`):
+            A checkpoint directory, or a model in memory (saved to a temporary directory with `tokenizer`).
+            Trainer checkpoints, logs and pickles in the directory are not uploaded.
+        repo_id (`str`): the Hub repository (created if missing).
+        tokenizer: the tokenizer to save beside a model in memory.
+        private, token, revision, commit_message, create_pr: as for `huggingface_hub.HfApi.create_commit`.
+        card_kwargs: passed to `model_card` (license, datasets, language, base_model, tags, description, overwrite).
+
+    Returns:
+        `huggingface_hub.CommitInfo`: the commit.
     """
     if isinstance(model, PreTrainedModel):
         with tempfile.TemporaryDirectory(prefix="hf_moe_offload_push_") as tmp:
@@ -291,7 +313,7 @@ def push_to_hub(
         raise ValueError(f"cannot upload to {repo_id}: the Hub is offline (HF_HUB_OFFLINE=1)")
     model_dir = Path(model)
     _check_checkpoint(model_dir)
-    write_model_card(model_dir, repo_id=repo_id, **card_kwargs)
+    card = str(model_card(model_dir, repo_id=repo_id, **card_kwargs)).rstrip("\n") + "\n"
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     logger.info(f"uploading {model_dir} to {repo_id}")
@@ -299,12 +321,14 @@ def push_to_hub(
         filter_repo_objects(
             (p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()),
             allow_patterns=UPLOAD_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
+            ignore_patterns=[*IGNORE_PATTERNS, "README.md"],
         )
     )
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(model_dir / f)) for f in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     return api.create_commit(
         repo_id=repo_id,
-        operations=[CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(model_dir / f)) for f in files],
+        operations=operations,
         commit_message=commit_message or "Upload GPT-MoE with hf_moe_offload",
         repo_type="model",
         revision=revision,

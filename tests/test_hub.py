@@ -17,6 +17,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
+from hf_moe_offload.gpt_moe import parameter_counts
 from hf_moe_offload.hub import MIN_TRANSFORMERS, TAGS, model_card, push_to_hub, write_model_card
 from hf_moe_offload.training import BlockDataset, add_router_metrics, stdlib_modules, train_bpe_tokenizer
 
@@ -82,7 +83,7 @@ def test_card_metadata_and_body_describe_the_checkpoint_and_its_training(trained
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert data["tags"] == list(TAGS) and data["license"] == "apache-2.0" and data["datasets"] == ["some/dataset"]
     config = tiny_config()
-    counts = config.parameter_counts()
+    counts = parameter_counts(config)
     text = card.text
     assert f"{counts['total'] / 1e3:.3g}K total, {counts['active'] / 1e3:.3g}K active per token" in text
     assert "| experts per MoE block | 8 |" in text and "| MoE blocks | 1, 3 (of 0-3) |" in text

@@ -14,65 +14,8 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, strict
 
 
-# The seed's models (DeepSpeed-MoE for NLG, Megatron-DeepSpeed `examples_deepspeed/MoE/`): FFN = 4h, sequence 2048,
-# GPT-2 vocabulary padded to a multiple of 128 (as Megatron does), init std 0.014 for the MoE recipes.
-_GPT_350M = {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}
-_GPT_1_3B = {"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 16, "intermediate_size": 8192}
-_GPT_6_7B = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 16384}
-_SEED_COMMON = {"vocab_size": 50304, "max_position_embeddings": 2048}
-_MOE_RECIPE = {
-    "num_experts_per_tok": 1,
-    "moe_layer_frequency": 2,
-    "capacity_factor": 1.0,
-    "min_capacity": 4,
-    "router_aux_loss_coef": 0.01,
-    "initializer_range": 0.014,
-}
-_TINY = {
-    "vocab_size": 512,
-    "max_position_embeddings": 128,
-    "num_hidden_layers": 4,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-}
-
-PRESETS: dict[str, dict] = {
-    "350m": {**_SEED_COMMON, **_GPT_350M},
-    "1.3b": {**_SEED_COMMON, **_GPT_1_3B},
-    "6.7b": {**_SEED_COMMON, **_GPT_6_7B, "initializer_range": 0.01},
-    "350m-moe128": {**_SEED_COMMON, **_GPT_350M, **_MOE_RECIPE, "num_experts": 128},
-    "1.3b-moe128": {**_SEED_COMMON, **_GPT_1_3B, **_MOE_RECIPE, "num_experts": 128},
-    # PR-MoE: more experts in the last MoE layers, plus the Residual-MoE dense branch.
-    "350m-pr-moe": {
-        **_SEED_COMMON,
-        **_GPT_350M,
-        **_MOE_RECIPE,
-        "num_experts": [32] * 10 + [64] * 2,
-        "use_residual_moe": True,
-    },
-    "1.3b-pr-moe": {
-        **_SEED_COMMON,
-        **_GPT_1_3B,
-        **_MOE_RECIPE,
-        "num_experts": [64] * 10 + [128] * 2,
-        "use_residual_moe": True,
-    },
-    # Tiny models for tests and examples (expert dims are multiples of 8 so `grouped_mm` runs on CPU).
-    "tiny": {**_TINY},
-    "tiny-moe": {**_TINY, **_MOE_RECIPE, "num_experts": 8, "initializer_range": 0.02},
-    "tiny-pr-moe": {**_TINY, **_MOE_RECIPE, "num_experts": [4, 8], "use_residual_moe": True, "initializer_range": 0.02},
-}
-
 NOISY_GATE_POLICIES = (None, "jitter", "rsample")
 POSITION_EMBEDDING_TYPES = ("learned", "rotary")
-
-
-def _human_count(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.3g}{unit}"
-    return str(count)
 
 
 @strict
@@ -112,7 +55,7 @@ class GPTMoEConfig(PreTrainedConfig):
     ```python
     >>> from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
 
-    >>> config = GPTMoEConfig.from_preset("tiny-moe")
+    >>> config = GPTMoEConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_experts=8)
     >>> model = GPTMoEForCausalLM(config)
     ```"""
 
@@ -181,13 +124,6 @@ class GPTMoEConfig(PreTrainedConfig):
         self._check_values()
         super().__post_init__(**kwargs)
 
-    @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "GPTMoEConfig":
-        """A config of the seed's model family (`PRESETS`), with any field overridden by `kwargs`."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-MoE preset {name!r}; valid presets are: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **kwargs})
-
     # -- layout helpers used by the model, the offload runtime and model cards -----------------------------------
 
     @property
@@ -206,33 +142,6 @@ class GPTMoEConfig(PreTrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts_at(layer_idx) > 1
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Total parameters and parameters active per token, computed from the shapes (no model is built)."""
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        mlp = 2 * h * i + i + h
-        attention = 4 * h * h + 4 * h
-        norms = 4 * h
-        embeddings = v * h + (self.max_position_embeddings * h if self.position_embedding_type == "learned" else 0)
-        total = active = embeddings + 2 * h + (0 if self.tie_word_embeddings else v * h)
-        for layer_idx in range(self.num_hidden_layers):
-            experts = self.num_experts_at(layer_idx)
-            total += attention + norms
-            active += attention + norms
-            if experts == 1:
-                total += mlp
-                active += mlp
-                continue
-            router = experts * h
-            residual = (mlp + 2 * h + 2) if self.use_residual_moe else 0
-            total += router + experts * mlp + residual
-            active += router + min(self.num_experts_per_tok, experts) * mlp + residual
-        return {"total": total, "active": active, "embedding": embeddings}
-
-    def parameter_summary(self) -> str:
-        """`"13.2B total, 357M active per token"`: for `repr`, model cards and the command line."""
-        counts = self.parameter_counts()
-        return f"{_human_count(counts['total'])} total, {_human_count(counts['active'])} active per token"
 
     # -- validation: every rule raises ValueError naming the field, the value and the rule -----------------------
 
@@ -320,4 +229,4 @@ class GPTMoEConfig(PreTrainedConfig):
                 raise ValueError(f"{name} ({value}) must be in [0, 1)")
 
 
-__all__ = ["GPTMoEConfig", "PRESETS"]
+__all__ = ["GPTMoEConfig"]

@@ -753,6 +753,11 @@ def router_statistics(
     }
 
 
+# The tags of every GPT-MoE model card: those of the cards transformers writes (`push_to_hub`, `Trainer`) and of
+# hf_moe_offload's own (`hub.py` reads them from here).
+MODEL_TAGS = ("custom_code", "moe", "mixture-of-experts", "gpt_moe")
+
+
 class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -767,11 +772,11 @@ class GPTMoEForCausalLM(GPTMoEPreTrainedModel, GenerationMixin):
         self._has_moe_layers = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
         # The tags `push_to_hub` (and `Trainer`'s model card) put on a card it creates; per instance, as
         # `add_model_tags` appends to the list.
-        self.model_tags = ["custom_code", "moe", "mixture-of-experts", "gpt_moe"]
+        self.model_tags = list(MODEL_TAGS)
         self.post_init()
 
     def extra_repr(self) -> str:
-        return f"parameters: {self.config.parameter_summary()}"
+        return f"parameters: {sum(p.numel() for p in self.parameters()):,}"
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

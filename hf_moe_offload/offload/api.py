@@ -32,9 +32,10 @@ def check_config(config: OffloadConfig | None) -> OffloadConfig:
     return config
 
 
-def new_runtime(model: nn.Module, config: OffloadConfig) -> OffloadRuntime:
-    """The runtime that will offload `model` (nothing changed yet); the execution device is decided now."""
-    return OffloadRuntime(model, config, resolve_execution_device(config))
+def new_runtime(model: nn.Module, config: OffloadConfig, residues: dict[str, int] | None = None) -> OffloadRuntime:
+    """The runtime that will offload `model` (nothing changed yet); the execution device is decided now. `residues`:
+    where each weight's reference copy sits relative to 64 bytes (default: where the model's own weights sit)."""
+    return OffloadRuntime(model, config, resolve_execution_device(config), residues)
 
 
 def attach(model: nn.Module, runtime: OffloadRuntime, source=None, fingerprint=None, checkpoint_plans=None) -> None:

@@ -137,12 +137,31 @@ class UnitPlan:
         return f"unit_{self.index:05d}"
 
 
+def placed(offset: int, residue: int) -> int:
+    """The first offset from `offset` on that is `residue` past a `TENSOR_ALIGN` boundary."""
+    return align_up(offset, TENSOR_ALIGN) + residue
+
+
 def plan_units(
-    units: list[tuple[str, list[TensorSpec]]], experts: dict[int, list[ExpertGroup]] | None = None
+    units: list[tuple[str, list[TensorSpec]]],
+    experts: dict[int, list[ExpertGroup]] | None = None,
+    residues: dict[str, int] | None = None,
 ) -> list[UnitPlan]:
     """Lay out every unit: own tensors packed by decreasing element size, then the unit's experts (expert-major, see
-    the module docstring), borrowed (tied) tensors after them. `experts` maps a unit index to its MoE layers."""
+    the module docstring), borrowed (tied) tensors after them. `experts` maps a unit index to its MoE layers.
+
+    `residues` gives, per tensor, where its reference copy starts relative to a 64-byte boundary (its address modulo
+    `TENSOR_ALIGN`): each tensor is placed at the same residue in its unit's buffer. CPU GEMM kernels (MKL's AVX2
+    path) round differently for operands at other alignments, so a weight at another residue than the in-memory
+    model's would not give its results bit for bit. Slot buffers and mapped pages start on 4 KiB boundaries, so an
+    offset's residue is its address's."""
     experts = experts or {}
+    residues = residues or {}
+
+    def residue(spec: TensorSpec) -> int:
+        value = residues.get(spec.name, 0) % TENSOR_ALIGN
+        return value if value % spec.dtype.itemsize == 0 else 0
+
     owner: dict[str, tuple[UnitPlan, int]] = {}
     plans = []
     for index, (name, specs) in enumerate(units):
@@ -150,7 +169,7 @@ def plan_units(
         own = [spec for spec in specs if spec.name not in owner]
         offset = 0
         for spec in sorted(own, key=lambda s: -s.dtype.itemsize):
-            offset = align_up(offset, TENSOR_ALIGN)
+            offset = placed(offset, residue(spec))
             plan.own.append((spec, offset))
             plan.tensors.append((spec, offset))
             owner[spec.name] = (plan, offset)
@@ -160,7 +179,8 @@ def plan_units(
             offset = align_up(offset)
             param_offsets, blob = [], 0
             for spec in group.params:
-                blob = align_up(blob, TENSOR_ALIGN)
+                # every expert's slice at its fused parameter's residue (exact when a slice is a multiple of 64 bytes)
+                blob = placed(blob, residue(spec))
                 param_offsets.append(blob)
                 blob += spec.nbytes // spec.shape[0]
             layout = ExpertLayout(group, offset, align_up(blob), blob, tuple(param_offsets))
@@ -173,16 +193,20 @@ def plan_units(
             offset += group.num_experts * layout.stride
         plan.own_nbytes = offset
         borrowed = [spec for spec in specs if spec.name not in {s.name for s in own}]
-        _finish(plan, borrowed, owner)
+        _finish(plan, borrowed, owner, residue)
         if plan.experts:
             plan.dense = UnitPlan(index=index, name=name, tensors=list(plan.tensors[: len(own)]))
-            _finish(plan.dense, borrowed, owner, region_nbytes=dense_nbytes)
+            _finish(plan.dense, borrowed, owner, residue, region_nbytes=dense_nbytes)
         plans.append(plan)
     return plans
 
 
 def _finish(
-    plan: UnitPlan, borrowed: list[TensorSpec], owner: dict[str, tuple[UnitPlan, int]], region_nbytes: int = -1
+    plan: UnitPlan,
+    borrowed: list[TensorSpec],
+    owner: dict[str, tuple[UnitPlan, int]],
+    residue: Callable[[TensorSpec], int],
+    region_nbytes: int = -1,
 ) -> None:
     """Add the reads of `plan`: its own region (the first `region_nbytes` of it), then each borrowed tensor."""
     nbytes = plan.own_nbytes if region_nbytes < 0 else region_nbytes
@@ -191,6 +215,7 @@ def _finish(
     offset = align_up(nbytes)
     for spec in borrowed:
         src_plan, src_offset = owner[spec.name]
+        offset += residue(spec)
         plan.tensors.append((spec, offset))
         plan.ranges.append(ReadRange(src_plan.key, src_offset, offset, spec.nbytes))
         offset = align_up(offset + spec.nbytes)
@@ -235,7 +260,8 @@ TensorSource = Callable[[UnitPlan], Iterable[torch.Tensor]]
 
 def checkpoint_plans(plans: list[UnitPlan], located: dict[str, tuple[str, int]]) -> list[UnitPlan]:
     """The plans of a store that reads every tensor straight from checkpoint shards: `located` gives each tensor's
-    (shard path, absolute byte offset). Each unit's buffer packs its tensors in plan order, 64-byte aligned; a MoE unit
+    (shard path, absolute byte offset). Each unit's buffer packs its tensors in plan order, each at its offset's
+    residue modulo 64 in the shard (where a model loaded by `from_pretrained` holds it, see `plan_units`); a MoE unit
     cannot be read this way (its experts are laid out expert-major, not as the checkpoint stores them)."""
     if any(plan.experts for plan in plans):
         raise ValueError("a MoE model's experts are laid out expert-major: they cannot be read from the checkpoint")
@@ -245,9 +271,10 @@ def checkpoint_plans(plans: list[UnitPlan], located: dict[str, tuple[str, int]])
         offset = 0
         for position, (spec, _) in enumerate(plan.tensors):
             path, start = located[spec.name]
+            offset = placed(offset, start % TENSOR_ALIGN if start % spec.dtype.itemsize == 0 else 0)
             new.tensors[position] = (spec, offset)
             new.ranges.append(ReadRange(path, start, offset, spec.nbytes))
-            offset = align_up(offset + spec.nbytes, TENSOR_ALIGN)
+            offset += spec.nbytes
         new.own = list(new.tensors)
         new.own_nbytes = offset
         new.nbytes = align_up(max(offset, 1))

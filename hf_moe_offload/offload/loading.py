@@ -21,7 +21,7 @@ from accelerate.hooks import remove_hook_from_module
 from torch import nn
 
 from .api import attach, check_config, new_runtime
-from .layout import SAFETENSORS_DTYPES, UnitPlan, checkpoint_plans, own_tensors
+from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, UnitPlan, checkpoint_plans, own_tensors
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
 
@@ -82,32 +82,29 @@ def _lazy_weights(model: nn.Module):
     raise RuntimeError("transformers did not offload the weights to disk (no accelerate weights map found)")
 
 
-def _locate_in_checkpoint(runtime, loader, offload_folder: str) -> dict[str, tuple[str, int]] | None:
-    """Each stored tensor's (shard path, absolute byte offset) when every one is in a checkpoint shard as the model
-    holds it (same dtype and shape, not converted by transformers), else None."""
-    if any(plan.experts for plan in runtime.plans):
-        return None
+def _checkpoint_locations(model: nn.Module, loader, offload_folder: str) -> dict[str, tuple[str, int]]:
+    """(shard path, absolute byte offset) of each parameter the checkpoint holds as the model does (same name, dtype
+    and shape: transformers loads it as a view of the shard, not converted)."""
     index = getattr(loader, "index", {})
     headers: dict[str, tuple[int, dict]] = {}
     located: dict[str, tuple[str, int]] = {}
-    for name in runtime.binding.placeholders:
+    for name, param in model.named_parameters():
         entry = index.get(name)
         if not entry or "safetensors_file" not in entry:
-            return None
+            continue
         path = os.path.abspath(entry["safetensors_file"])
         if _in_folder(path, offload_folder):
-            return None
+            continue
         if path not in headers:
             headers[path] = read_safetensors_header(path)
         data_start, header = headers[path]
         info = header.get(entry["weight_name"])
-        param = runtime.binding.originals[name]
         if (
             info is None
             or info["dtype"] != SAFETENSORS_DTYPES.get(param.dtype)
             or tuple(info["shape"]) != tuple(param.shape)
         ):
-            return None
+            continue
         located[name] = (path, data_start + info["data_offsets"][0])
     return located
 
@@ -181,7 +178,10 @@ def load_offloaded(
 
 
 def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader, offload_folder: str) -> None:
-    runtime = new_runtime(model, config)
+    located = _checkpoint_locations(model, loader, offload_folder)
+    # each tensor where `from_pretrained` would hold it relative to a 64-byte boundary (a view of the shard's mapping)
+    residues = {name: offset % TENSOR_ALIGN for name, (_, offset) in located.items()}
+    runtime = new_runtime(model, config, residues)
 
     def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
         return own_tensors(plan, loader.__getitem__)
@@ -189,8 +189,12 @@ def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader,
     plans = None
     fingerprint = None
     if config.offload_device == "nvme":
-        located = _locate_in_checkpoint(runtime, loader, offload_folder) if config.reuse_checkpoint else None
-        if located is not None:
+        in_place = (
+            config.reuse_checkpoint
+            and not any(plan.experts for plan in runtime.plans)  # experts are stored expert-major
+            and all(name in located for name in runtime.binding.placeholders)
+        )
+        if in_place:
             plans = checkpoint_plans(runtime.plans, located)
         else:
             files = sorted(

@@ -120,6 +120,7 @@ class FetchPipeline:
         self._mappings: dict[int, tuple[list, list[tuple[int, torch.Tensor]]]] = {}
         self._readers = readers
         self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
+        self._closed = False
 
     # -- the fetch, on the coordinator thread ---------------------------------------------------------------------
 
@@ -209,9 +210,12 @@ class FetchPipeline:
     def _free_slot(self, slot: Slot) -> None:
         self.resident.pop(slot.unit, None)
         if slot.runs:
-            # off this thread (a large unit takes milliseconds), in order with the fetches (a later fetch of the same
-            # unit maps its pages again after this)
-            self._coordinator.submit(self._unmap_pages, slot.runs)
+            try:
+                # off this thread (a large unit takes milliseconds), in order with the fetches (a later fetch of the
+                # same unit maps its pages again after this)
+                self._coordinator.submit(self._unmap_pages, slot.runs)
+            except RuntimeError:  # the coordinator is shut down (closing, or the interpreter is exiting)
+                self._unmap_pages(slot.runs)
         slot.unit, slot.plan, slot.future, slot.bound, slot.mapped, slot.runs = None, None, None, False, None, []
         self.free.append(slot)
 
@@ -301,8 +305,11 @@ class FetchPipeline:
 
     def close(self) -> None:
         """Wait for every fetch, drop every mapping and stop the coordinator thread (the readers are the caller's)."""
+        if self._closed:
+            return
         for slot in self.resident.values():
             slot.bound = False
         self.drain()
         self._coordinator.shutdown(wait=True)
+        self._closed = True
         self._mappings.clear()

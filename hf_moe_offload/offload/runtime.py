@@ -33,6 +33,7 @@ from .discovery import (
 from .experts import ExpertsContext, ExpertsRuntime
 from .hooks import EmbeddingHook, RootHook, UnitHook, add_release_on_error, guard_methods, unguard_methods
 from .layout import (
+    TENSOR_ALIGN,
     ExpertGroup,
     ReadRange,
     TensorSource,
@@ -86,9 +87,13 @@ class OffloadRuntime:
         model: the model (changed in place by `attach`, put back by `detach`).
         config: the offload knobs.
         device: the execution device, resolved.
+        residues: each weight's address modulo 64 in the in-memory model the offloaded one must equal bit for bit
+            (see `layout.plan_units`); default: the model's own weights' (none for weights on the meta device).
     """
 
-    def __init__(self, model: nn.Module, config: OffloadConfig, device: torch.device):
+    def __init__(
+        self, model: nn.Module, config: OffloadConfig, device: torch.device, residues: dict[str, int] | None = None
+    ):
         self.config = config
         self.device = device
         self.unit_modules = find_units(model)
@@ -123,7 +128,13 @@ class OffloadRuntime:
                     if name not in fused:
                         specs.append(TensorSpec(name, param.dtype, tuple(param.shape)))
             unit_specs.append((unit_name, specs))
-        self.plans = plan_units(unit_specs, groups)
+        if residues is None:
+            residues = {
+                name: p.data_ptr() % TENSOR_ALIGN
+                for name, p in parameters.originals.items()
+                if p.device.type == "cpu" and p.numel()
+            }
+        self.plans = plan_units(unit_specs, groups, residues)
         self.binding = Binding(parameters, owned, device)
         self.router_names = {name: router_weight_name(model, name) for name in self.experts_modules}
         self.counters = OffloadStats()
@@ -272,9 +283,7 @@ class OffloadRuntime:
         if self._release_hook is not None:
             self._release_hook.remove()
         unguard_methods(model, self.guarded)
-        self.binding.restore(
-            named for plan in self.plans for named in assemble(plan, self.store.tensors(plan))
-        )
+        self.binding.restore(named for plan in self.plans for named in assemble(plan, self.store.tensors(plan)))
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
         self._finalizer()  # closes the store and stops the threads
