@@ -132,7 +132,9 @@ def active_bytes(model) -> int:
     """What one token at batch 1 needs (see the module docstring)."""
     import torch
 
-    state = model._hf_moe_offload_state
+    from hf_moe_offload.offload.api import runtime_of
+
+    state = runtime_of(model)
     total = 0
     for plan, (_, module) in zip(state.plans, state.unit_modules, strict=True):
         if isinstance(module, torch.nn.Embedding):
@@ -146,9 +148,11 @@ def active_bytes(model) -> int:
 
 def child(args) -> None:
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     from hf_moe_offload import get_offload_stats, load_offloaded
+    from hf_moe_offload.offload.api import runtime_of
+    from hf_moe_offload.timing import StepClock
 
     system = args.child
     if args.routing == "uniform":
@@ -170,18 +174,8 @@ def child(args) -> None:
     model = load_offloaded(path, offload_config(system, store), dtype=torch.bfloat16).eval()
     load_seconds = time.perf_counter() - load_start
     active = active_bytes(model)
-    state = model._hf_moe_offload_state
+    state = runtime_of(model)
     whole = sum(sum(r.nbytes for r in p.ranges) for p in state.plans)
-
-    class Clock(LogitsProcessor):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            if len(self.times) == 1:
-                get_offload_stats(model, reset=True)
-            return scores
 
     def generate(prompts: list[bytes], new_tokens: int, clock=None):
         ids = torch.tensor([list(p) for p in prompts])
@@ -199,10 +193,11 @@ def child(args) -> None:
 
     generate(stdlib_prompts(1, 8, seed=99), 2)  # warm-up
     for batch in args.batch_sizes:
-        clock = Clock()
+        clock = StepClock(lambda: get_offload_stats(model, reset=True))  # counters of the generation phase only
+        clock.start()
         tokens = generate(stdlib_prompts(batch, args.prompt_length, seed=batch), args.new_tokens, clock)
-        steps = len(clock.times) - 1
-        seconds = clock.times[-1] - clock.times[0]
+        phase = clock.phase(batch)
+        steps, seconds = phase.steps, phase.generation_seconds
         stats = get_offload_stats(model)
         result = {
             "system": system,

@@ -80,9 +80,10 @@ def dd_direct(path: str) -> float:
 
 def child(args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from hf_moe_offload import OffloadConfig, get_offload_stats, load_offloaded
+    from hf_moe_offload.timing import StepClock
 
     dtype = getattr(torch, args.dtype)
     system = args.child
@@ -114,25 +115,16 @@ def child(args) -> None:
     model.eval()
     load_seconds = time.perf_counter() - load_start
 
-    class Clock(LogitsProcessor):
-        """Timestamps every decoding step; resets the offload counters at the first one."""
-
-        def __init__(self):
-            self.times = []
-            self.stats = None
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            if offloaded and len(self.times) == 1:
-                get_offload_stats(model, reset=True)
-            return scores
+    def clock() -> StepClock:  # the offload counters cover the generation phase only
+        return StepClock((lambda: get_offload_stats(model, reset=True)) if offloaded else None)
 
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     model.generate(torch.randint(0, vocab, (1, 4), generator=generator), max_new_tokens=2, do_sample=False)  # warm-up
     for batch in args.batch_sizes:
         ids = torch.randint(0, vocab, (batch, 4), generator=generator)
-        clock = Clock()
+        clock = clock()
+        clock.start()
         with torch.no_grad():
             model.generate(
                 ids,
@@ -143,13 +135,14 @@ def child(args) -> None:
                 pad_token_id=0,
                 logits_processor=LogitsProcessorList([clock]),
             )
-        seconds = clock.times[-1] - clock.times[0]
+        phase = clock.phase(batch)
+        seconds = phase.generation_seconds
         result = {
             "system": system,
             "model": args.model,
             "dtype": args.dtype,
             "batch": batch,
-            "tokens_per_s": batch * (len(clock.times) - 1) / seconds,
+            "tokens_per_s": phase.tokens_per_s,
             "generation_seconds": seconds,
             "load_seconds": load_seconds,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -160,7 +153,7 @@ def child(args) -> None:
             result.update(
                 read_gb_per_s=read / seconds / 1e9,
                 fetch_wait_fraction=stats.fetch_wait_seconds / seconds,
-                gb_fetched_per_step=stats.bytes_fetched / (len(clock.times) - 1) / 1e9,
+                gb_fetched_per_step=stats.bytes_fetched / phase.steps / 1e9,
             )
         print("RESULT " + json.dumps(result), flush=True)
 

@@ -28,7 +28,6 @@ from .gpt_moe.presets import human_count, parameter_counts
 logger = logging.get_logger(__name__)
 
 
-
 def template_path(name: str = "gpt_moe.md") -> Path:
     """A card template of model_cards/ (at the top of the repository): installed as the package data folder
     `hf_moe_offload/model_cards/` by a wheel, read in place from a source checkout or an editable install."""

@@ -26,6 +26,25 @@ def _seed():
 
 
 @pytest.fixture
+def offloaded():
+    """`offloaded(model, config)` offloads `model` like `enable_offload`; every model it offloaded and that is still
+    offloaded at the end of the test is put back with `disable_offload`, whether the test passed or failed."""
+    from hf_moe_offload import disable_offload, enable_offload
+
+    models = []
+
+    def offload(model, config):
+        enable_offload(model, config)
+        models.append(model)
+        return model
+
+    yield offload
+    for model in models:
+        if getattr(model, "_hf_moe_offload_state", None) is not None:
+            disable_offload(model)
+
+
+@pytest.fixture
 def force_sorted_mm_layout(monkeypatch):
     """`force_sorted_mm_layout("sorted" | "padded")` makes `sorted_mm` take that row layout whatever the routing."""
     from hf_moe_offload.gpt_moe import modeling_gpt_moe

@@ -14,7 +14,8 @@ from huggingface_hub import HfApi, ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
-from hf_moe_offload.cli import DEMO_MODEL, DEMO_PROMPTS, main
+from hf_moe_offload.cli import main
+from hf_moe_offload.cli.demo import DEMO_MODEL, DEMO_PROMPTS, hub_layout
 from hf_moe_offload.hub import TAGS
 
 
@@ -48,11 +49,14 @@ def in_memory_completions(prompts: list[str], max_new_tokens: int, batch_size: i
 # -- the shipped demo model -----------------------------------------------------------------------------------------
 
 
-def test_the_demo_model_ships_in_the_hub_layout_with_its_card_and_current_code():
+def test_the_demo_model_ships_weights_config_tokenizer_and_card_and_its_hub_layout_takes_the_package_code(tmp_path):
     names = {p.name for p in DEMO_MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "trainer_state.json"} <= names
-    for code in ("configuration_gpt_moe.py", "modeling_gpt_moe.py"):  # refresh: cp hf_moe_offload/gpt_moe/<file> there
-        assert (DEMO_MODEL / code).read_bytes() == (PACKAGE / "gpt_moe" / code).read_bytes(), f"{code} is stale"
+    assert not any(name.endswith(".py") for name in names)  # no copies of the model files to go stale
+    layout = hub_layout(tmp_path / "demo")
+    for code in ("configuration_gpt_moe.py", "modeling_gpt_moe.py"):
+        assert (layout / code).read_bytes() == (PACKAGE / "gpt_moe" / code).read_bytes()
+    assert {p.name for p in layout.iterdir()} == names | {"configuration_gpt_moe.py", "modeling_gpt_moe.py"}
     size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir())
     assert size < 40e6  # "a few tens of MB at most"
     config = json.loads((DEMO_MODEL / "config.json").read_text())
@@ -100,7 +104,8 @@ def test_generate_batches_a_prompts_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     completions = out.split("---\n", 1)[0]
-    assert completions == "".join(f"{t}\n\n" for t in in_memory_completions(prompts, 6, batch_size=2))
+    expected = in_memory_completions(prompts, 6, batch_size=2)
+    assert completions == "".join(f"### prompt {n}\n{t}\n\n" for n, t in enumerate(expected, 1))
     assert "3 prompt(s), batch 2: generation phase 15 tokens" in out  # 2 x 5 + 1 x 5 after the prefills
 
 
@@ -127,7 +132,7 @@ def test_errors_are_one_line_with_a_non_zero_exit_code(tmp_path, capsys, gpt2_di
     blocker.write_text("")
     code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--offload", "nvme", "--nvme-path",
                           str(blocker / "store"), "--prompt", "x")  # fmt: skip
-    assert code == 2 and f"--nvme-path '{blocker / 'store'}' is not writable: Not a directory" in err
+    assert code == 2 and f"--nvme-path ({blocker / 'store'}) cannot be created: Not a directory" in err
     code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--offload", "nvme", "--prompt", "x")
     assert code == 2 and "--offload nvme needs --nvme-path DIR" in err
     code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--nvme-path", str(tmp_path), "--prompt", "x")
@@ -166,15 +171,18 @@ def test_bench_compares_in_memory_and_offloaded_runs_side_by_side(tmp_path, caps
                  "--json", str(results)])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
-    rows = json.loads(results.read_text())
+    recorded = json.loads(results.read_text())
+    rows = recorded["results"]
+    assert recorded["machine"].startswith("machine: ") and "threads" in recorded["machine"]
     assert [(r["system"], r["batch"]) for r in rows] == [
         (system, batch) for system in ("in-memory", "offload-cpu", "offload-nvme") for batch in (1, 3)
     ]
     for row in rows:
-        assert row["steps"] == 3 and row["tokens"] == 3 * row["batch"] and row["tokens_per_s"] > 0
+        assert row["steps"] == 3 and row["tokens"] == 3 * row["batch"] and row["repeats"] == 3
+        assert 0 < row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
         if row["system"] != "in-memory":
             assert row["mb_fetched_per_step"] > 0 and row["expert_hit_rate"] is not None
-            assert f"| {row['system']} | {row['batch']} | {row['tokens_per_s']:.2f} |" in out
+            assert f"| {row['system']} | {row['batch']} | {row['tokens_per_s']:.2f} (" in out
     assert out.count("| yes |") == 4 and "| NO |" not in out  # offloaded tokens = in-memory tokens
 
 

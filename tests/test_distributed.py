@@ -157,7 +157,13 @@ def test_experts_not_divisible_by_ep_size_is_a_clear_error(tmp_path):
 
 
 def test_ddp_trainer_counts_the_router_loss_once_per_step_over_processes(tmp_path):
-    from test_trainer import STEP_CONFIG, assert_sgd_step_is, naive_step_gradient, router_once, router_per_micro_batch
+    from trainer_helpers import (
+        STEP_CONFIG,
+        assert_sgd_step_is,
+        naive_step_gradient,
+        router_once,
+        router_per_micro_batch,
+    )
 
     model = GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny-moe", **STEP_CONFIG))
     model.save_pretrained(tmp_path / "ckpt")

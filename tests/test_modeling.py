@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -300,7 +301,7 @@ def test_batch_one_decoding_in_training_mode_has_no_small_batch_assertion():
 def test_registration_marks_classes_for_auto_map():
     assert GPTMoEConfig._auto_class == "AutoConfig"
     assert GPTMoEForCausalLM._auto_class == "AutoModelForCausalLM"
-    assert hf_moe_offload.__version__
+    assert hf_moe_offload.__version__ == importlib.metadata.version("hf_moe_offload")  # one version, setup.cfg's
 
 
 def test_sdpa_and_eager_attention_agree():

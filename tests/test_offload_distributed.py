@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from test_offload import prompts, tiny_model
+from helpers import prompts, tiny_model
 
 
 @pytest.mark.distributed

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 import torch
-from test_offload import _SMALL, prompts, store_config, tiny_model
+from helpers import SMALL, prompts, store_config, tiny_model
 
 from hf_moe_offload import (
     GPTMoEConfig,
@@ -98,7 +98,7 @@ def _more_moe_config(arch: str):
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 64,
-        **_SMALL,
+        **SMALL,
     }
     experts = {"num_experts_per_tok": 2, "intermediate_size": 64}
     if arch == "olmoe":

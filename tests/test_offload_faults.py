@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from test_offload import prompts, tiny_model
+from helpers import prompts, tiny_model
 from torch import nn
 
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_offload import prompts, tiny_model
+from helpers import prompts, tiny_model
 
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
 

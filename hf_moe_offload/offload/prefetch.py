@@ -261,6 +261,8 @@ class FetchPipeline:
             self.stats.on_demand_fetches += 1
         elif slot.future.done():
             self.stats.prefetch_hits += 1
+        else:
+            self.stats.late_prefetches += 1
         start = time.perf_counter()
         try:
             slot.future.result()

@@ -22,6 +22,7 @@ class OffloadStats:
         fetch_wait_seconds: time the computing thread waited for weights (stalls).
         store_read_bytes: bytes read from each store ("cpu", "nvme"), this process only.
         prefetch_hits: units whose fetch had finished when they were needed.
+        late_prefetches: units whose prefetch was still running when they were needed (the wait is a stall).
         on_demand_fetches: units fetched only when needed (the first forward, `prefetch_depth=0`, a resync).
         resyncs: times the execution order differed from the learned one.
         forward_passes: forwards of the model.
@@ -44,6 +45,7 @@ class OffloadStats:
     fetch_wait_seconds: float = 0.0
     store_read_bytes: dict[str, int] = field(default_factory=dict)
     prefetch_hits: int = 0
+    late_prefetches: int = 0
     on_demand_fetches: int = 0
     resyncs: int = 0
     forward_passes: int = 0
