@@ -221,3 +221,31 @@ def test_presets_lists_total_and_active_parameters(capsys):
     out = capsys.readouterr().out
     assert "350m-moe128" in out and "13.1B total, 357M active per token" in out
     assert "experts=32x10/64x2" in out
+
+
+def test_a_value_error_inside_a_library_is_a_failure_with_a_debug_hint_not_bad_input(capsys, monkeypatch):
+    from transformers import AutoConfig
+
+    from hf_moe_offload.cli import presets
+
+    monkeypatch.setattr(presets, "run", lambda args: AutoConfig.for_model("no-such-model-type"))
+    code, err = cli_error(capsys, "presets")
+    assert code == 1 and "Unrecognized model identifier: no-such-model-type" in err
+    assert err.rstrip().endswith("(run with --debug for the traceback)")
+    with pytest.raises(ValueError, match="no-such-model-type"):
+        main(["--debug", "presets"])
+
+
+def test_bench_says_how_busy_the_machine_was_and_warns(monkeypatch):
+    from hf_moe_offload.cli import bench
+
+    monkeypatch.setattr(bench, "_busy_fraction", lambda seconds=0.5: 0.9)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    line, warnings = bench.machine_report()
+    assert "torch 64 threads" in line and "90% busy before the run" in line
+    assert any("90% busy" in w and "not comparable" in w for w in warnings)
+    assert any("oversubscribed" in w for w in warnings)
+    monkeypatch.setattr(bench, "_busy_fraction", lambda seconds=0.5: 0.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert bench.machine_report()[1] == []
+    assert 0.0 <= bench._busy_fraction(0.05) <= 1.0  # measured from /proc/stat here

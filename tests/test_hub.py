@@ -179,7 +179,10 @@ def fake_hub(monkeypatch):
 def test_upload_of_a_checkpoint_directory_commits_weights_code_tokenizer_and_card(trained_dir, fake_hub, tmp_path):
     model_dir, _ = trained_dir
     assert (model_dir / "training_args.bin").is_file() and (model_dir / "checkpoint-3").is_dir()
+    readme = model_dir / "README.md"
+    local_card = readme.read_bytes() if readme.exists() else None
     push_to_hub(model_dir, "someone/tiny-moe", license="apache-2.0", private=True)
+    assert (readme.read_bytes() if readme.exists() else None) == local_card  # the card went into the commit only
     assert fake_hub.repos == [("someone/tiny-moe", {"private": True, "exist_ok": True, "repo_type": "model"})]
     assert set(fake_hub.files) == MODEL_FILES | TOKENIZER_FILES | {"README.md", "trainer_state.json"}
     card = ModelCard(fake_hub.files["README.md"].decode())
@@ -236,3 +239,4 @@ def test_a_plain_push_to_hub_uploads_the_code_files_and_tags_its_card(fake_hub, 
     assert set(fake_hub.files) == MODEL_FILES | {"README.md"}
     card = ModelCard(fake_hub.files["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.tags == list(TAGS)
+    assert GPTMoEForCausalLM(tiny_config()).model_tags == list(TAGS)  # one tag list, the model's

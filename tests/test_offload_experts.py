@@ -7,7 +7,7 @@ import errno
 
 import pytest
 import torch
-from helpers import SMALL, prompts, store_config, tiny_model
+from helpers import SMALL, prompts, reference, store_config, tiny_model
 
 from hf_moe_offload import (
     GPTMoEConfig,
@@ -18,6 +18,7 @@ from hf_moe_offload import (
     get_offload_stats,
 )
 from hf_moe_offload.offload import experts as experts_module
+from hf_moe_offload.offload.discovery import find_experts_modules
 from hf_moe_offload.offload.experts import IMPLEMENTATION
 
 
@@ -45,30 +46,28 @@ def routed_trace(model, ids, max_new_tokens):
     return tokens, list(trace.values())
 
 
+def use_backend(monkeypatch, backend: str) -> None:
+    """The CPU device's backend ("virtual": whole region reserved, no gather) or the CUDA one ("compact": cache rows
+    gathered into a compact weight, ids renumbered), run here on the CPU."""
+    if backend == "compact":
+        monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)
+
+
 @pytest.fixture(params=["virtual", "compact"])
 def backend(request, monkeypatch):
-    """The CPU device's backend ("virtual": whole region reserved, no gather) and the CUDA one ("compact": cache rows
-    gathered into a compact weight, ids renumbered), run here on the CPU."""
-    if request.param == "compact":
-        monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)
+    use_backend(monkeypatch, request.param)
     return request.param
 
 
-@pytest.mark.parametrize("speculate", [True, False], ids=["speculate", "no-speculation"])
-@pytest.mark.parametrize("cache", list(CACHE_SIZES))
-@pytest.mark.parametrize("kind", ["cpu", "nvme", "nvme-copy"])
-@pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, backend, tmp_path):
+def check_routed(arch, kind, cache, speculate, tmp_path):
     model = tiny_model(arch)
-    ids = prompts()
-    with torch.no_grad():
-        logits = model(ids).logits
-    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    logits, tokens = reference(arch)
     implementation = model.config._experts_implementation
     # expert_break_even=1.0: every forward fetches routed experts, the prefill too
     config = store_config(
         kind, tmp_path, 1, expert_cache_size=CACHE_SIZES[cache], speculative_prefetch=speculate, expert_break_even=1.0
     )
+    ids = prompts()
     enable_offload(model, config)
     assert model.config._experts_implementation == IMPLEMENTATION
     with torch.no_grad():
@@ -86,7 +85,33 @@ def test_routed_fetching_equals_in_memory(arch, kind, cache, speculate, backend,
         assert stats.expert_cache_hits == 0
     if not speculate or CACHE_SIZES[cache] == 0:
         assert stats.speculated == stats.speculative_fetches == 0
+    elif len(find_experts_modules(model)) > 1:  # the calls of every MoE layer but the first had a guess
+        assert stats.speculated_needed > 0
     assert stats.speculated_correct <= min(stats.speculated, stats.speculated_needed)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_routed_fetching_equals_in_memory_on_every_moe_architecture(arch, backend, tmp_path):
+    """Every MoE architecture, both backends, on the default store with a partial cache and speculation."""
+    check_routed(arch, "nvme", "1", True, tmp_path)
+
+
+# Around that base (nvme, cache 1, speculation): every cache size on both backends, every store, speculation off.
+SWEEP = [
+    *[("nvme", cache, True, backend) for backend in ("virtual", "compact") for cache in ("0", "all")],
+    *[(kind, "1", True, backend) for backend in ("virtual", "compact") for kind in ("cpu", "nvme-copy")],
+    ("nvme", "1", False, "virtual"),
+    ("nvme", "all", False, "compact"),
+]
+
+
+@pytest.mark.parametrize(("kind", "cache", "speculate", "backend_name"), SWEEP)
+@pytest.mark.parametrize("arch", ["gpt_moe_top2_capacity", "mixtral"])
+def test_routed_fetching_equals_in_memory_on_every_store_and_cache(
+    arch, kind, cache, speculate, backend_name, tmp_path, monkeypatch
+):
+    use_backend(monkeypatch, backend_name)
+    check_routed(arch, kind, cache, speculate, tmp_path)
 
 
 def _more_moe_config(arch: str):

@@ -473,7 +473,8 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
 
 
 def _backend(device: torch.device) -> type[_ExpertLayer]:
-    return _VirtualExperts if device.type == "cpu" else _CompactExperts
+    """Virtual regions on the CPU device where pages can be dropped (Linux); compact rows elsewhere."""
+    return _VirtualExperts if device.type == "cpu" and pages.supported() else _CompactExperts
 
 
 class ExpertsRuntime:
