@@ -244,3 +244,19 @@ def test_trainer_trains_with_mixed_precision_on_cuda(tmp_path, option):
     losses = logged(trainer, "loss")
     assert model.device.type == "cuda"
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_the_readme_trainer_snippet_reports_the_router_metrics_to_tensorboard(tmp_path):
+    """`report_to="tensorboard"` as in the README, in the environment `make` builds (tensorboard is in the extras)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_moe()
+    data = BlockDataset(torch.randint(0, 64, (8, 16)))
+    trainer = Trainer(model=model, args=train_args(tmp_path, max_steps=2, report_to="tensorboard"), train_dataset=data)
+    add_router_metrics(trainer)
+    trainer.train()
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"train/loss", "train/router/aux_loss"} <= set(accumulator.Tags()["scalars"])
