@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -57,8 +58,33 @@ def test_a_model_garbage_collected_while_offloaded_releases_its_threads_and_file
     assert runtime_threads() - before and open_store_files(tmp_path / "store") > 0
     del model
     gc.collect()
-    assert runtime_threads() - before == set()  # the finalizer stopped the reader and coordinator threads
-    assert open_store_files(tmp_path / "store") == 0  # and closed the store's files
+    deadline = time.monotonic() + 30  # the finalizer hands the closing to a thread of its own
+    while (runtime_threads() - before or open_store_files(tmp_path / "store")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime_threads() - before == set()  # the reader and coordinator threads are stopped
+    assert open_store_files(tmp_path / "store") == 0  # and the store's files closed
+
+
+def test_a_model_collected_while_another_allocates_inside_a_thread_pool_lock_does_not_deadlock(tmp_path):
+    """The garbage collector may run a finalizer inside `ThreadPoolExecutor.submit`, which holds a lock the closing
+    of a pipeline needs: closing there would deadlock, so finalizers only queue the work."""
+    model = tiny_model("gpt_moe")
+    enable_offload(model, store_config("nvme", tmp_path, 1))
+    model.generate(prompts(), max_new_tokens=2, do_sample=False)
+    finalizer = model._hf_moe_offload_state._finalizer
+    from concurrent.futures import thread as futures_thread
+
+    done = threading.Event()
+
+    def collect_inside_the_lock():
+        with futures_thread._global_shutdown_lock:  # where the collector ran in the deadlock this test reproduces
+            finalizer()
+        done.set()
+
+    worker = threading.Thread(target=collect_inside_the_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done.is_set(), "the finalizer blocked inside the thread pool's lock"
 
 
 def test_offloaded_context_puts_the_weights_back_even_when_the_block_raises(tmp_path):

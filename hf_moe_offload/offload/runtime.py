@@ -9,6 +9,8 @@ released by `close()` or, should the model be garbage-collected while offloaded,
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +70,8 @@ def process_group(config: OffloadConfig):
 
 
 def _close_resources(experts: ExpertsRuntime | None, pipeline: FetchPipeline | None, readers, store) -> None:
-    """Stop threads, drop mappings and pinned buffers, close files. Idempotent; also the model's finalizer, so it
-    references none of the model's modules but the experts modules it detaches from."""
+    """Stop threads, drop mappings and pinned buffers, close files. Idempotent. It references none of the model's
+    modules but the experts modules it detaches from, so that a finalizer can hold it."""
     if experts is not None:
         experts.close()
     if pipeline is not None:
@@ -78,6 +80,39 @@ def _close_resources(experts: ExpertsRuntime | None, pipeline: FetchPipeline | N
         readers.shutdown(wait=True)
     if store is not None:
         store.close()
+
+
+class _Reaper:
+    """Closes the resources of offloaded models that were garbage-collected without `disable_offload`.
+
+    A weakref finalizer runs wherever the garbage collector happens to run, possibly inside a lock the closing would
+    need (`ThreadPoolExecutor.submit` holds one while it allocates), so the finalizer only hands the resources to this
+    daemon thread through a `queue.SimpleQueue` (whose `put` is safe in finalizers) and the thread closes them.
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *resources) -> None:
+        self._queue.put(resources)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="hf-moe-offload-finalizer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            resources = self._queue.get()
+            try:
+                _close_resources(*resources)
+            except Exception as error:  # a dead model's resources: nothing to raise to
+                logger.warning(f"closing the resources of a garbage-collected offloaded model failed: {error}")
+
+
+_reap = _Reaper()
 
 
 class OffloadRuntime:
@@ -215,9 +250,9 @@ class OffloadRuntime:
         add_hook_to_module(model, RootHook(self, getattr(model, "_skip_keys_device_placement", None)))
         self._release_hook = add_release_on_error(model, self)
         self.guarded = guard_methods(model, f"the {config.offload_device} store and stream to {self.device}")
-        self._finalizer = weakref.finalize(
-            model, _close_resources, self.experts, self.pipeline, self.readers, self.store
-        )
+        # At interpreter exit the OS and concurrent.futures' own exit handler release all of it: atexit=False.
+        self._finalizer = weakref.finalize(model, _reap, self.experts, self.pipeline, self.readers, self.store)
+        self._finalizer.atexit = False
 
     def _attach_experts(self, model: nn.Module, transfer: Transfer, group) -> None:
         config = self.config
@@ -286,7 +321,8 @@ class OffloadRuntime:
         self.binding.restore(named for plan in self.plans for named in assemble(plan, self.store.tensors(plan)))
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
-        self._finalizer()  # closes the store and stops the threads
+        self._finalizer.detach()
+        _close_resources(self.experts, self.pipeline, self.readers, self.store)
 
     # -- what the hooks call --------------------------------------------------------------------------------------
 
