@@ -16,8 +16,8 @@ from helpers import prompts, reference, store_config, tiny_model
 from hf_moe_offload import OffloadConfig, OffloadStats, enable_offload, get_offload_stats, offloaded
 
 
-def runtime_threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name.startswith("hf_moe_offload-")}
+def runtime_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("hf_moe_offload-")}
 
 
 def open_store_files(folder) -> int:
