@@ -115,7 +115,7 @@ def child(args) -> None:
     model.eval()
     load_seconds = time.perf_counter() - load_start
 
-    def clock() -> StepClock:  # the offload counters cover the generation phase only
+    def new_clock() -> StepClock:  # the offload counters cover the generation phase only
         return StepClock((lambda: get_offload_stats(model, reset=True)) if offloaded else None)
 
     generator = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def child(args) -> None:
     model.generate(torch.randint(0, vocab, (1, 4), generator=generator), max_new_tokens=2, do_sample=False)  # warm-up
     for batch in args.batch_sizes:
         ids = torch.randint(0, vocab, (batch, 4), generator=generator)
-        clock = clock()
+        clock = new_clock()
         clock.start()
         with torch.no_grad():
             model.generate(
