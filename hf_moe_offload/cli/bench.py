@@ -132,9 +132,11 @@ def _run_system(args: argparse.Namespace, system: str) -> list[dict]:
     send.close()
     try:
         status, payload = receive.recv()
-    except EOFError:
-        status, payload = "error", f"the process ended with exit code {process.join() or process.exitcode}"
+    except EOFError:  # the process died without a word (killed, out of memory)
+        status, payload = None, None
     process.join()
+    if status is None:
+        status, payload = "error", f"the process ended with exit code {process.exitcode}"
     if status != "ok":
         raise RuntimeError(f"the {system} run failed: {payload}")
     return payload
