@@ -105,10 +105,16 @@ def assert_unchanged(model, before):
 KINDS = {"cpu": {}, "nvme": {}, "nvme-copy": {"map_files": False}, "nvme-direct": {"direct_io": True}}
 
 
+def nvme_path(kind: str, tmp_path) -> str | None:
+    """The store directory of a test: a folder of `tmp_path` for NVMe stores, none for the CPU store."""
+    return None if kind == "cpu" else str(tmp_path / "store")
+
+
 def store_config(kind: str, tmp_path, depth: int, **kwargs) -> OffloadConfig:
     device = "cpu" if kind == "cpu" else "nvme"
     options = {**KINDS[kind], **kwargs}
-    return OffloadConfig(offload_device=device, nvme_path=tmp_path / "store", prefetch_depth=depth, **options)
+    path = tmp_path / "store" if device == "nvme" else None
+    return OffloadConfig(offload_device=device, nvme_path=path, prefetch_depth=depth, **options)
 
 
 def reference(arch: str, max_new_tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

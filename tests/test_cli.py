@@ -152,6 +152,28 @@ def test_errors_are_one_line_with_a_non_zero_exit_code(tmp_path, capsys, gpt2_di
     assert code == 2 and "model cards are written for GPT-MoE checkpoints" in err
 
 
+def test_bad_prompts_devices_and_paths_are_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch):
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompt", "")
+    assert code == 2 and "--prompt number 1 is empty" in err
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompts-file", str(binary))
+    assert code == 2 and f"--prompts-file '{binary}' is not UTF-8 text" in err
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompts-file", str(tmp_path))
+    assert code == 2 and f"--prompts-file '{tmp_path}' is a directory" in err
+    code, err = cli_error(capsys, "bench", str(DEMO_MODEL), "--json", str(tmp_path / "no" / "such" / "r.json"))
+    assert code == 2 and "does not exist or is not writable" in err
+    if not torch.cuda.is_available():
+        code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompt", "x", "--offload", "cpu", "--device",
+                              "cuda")  # fmt: skip
+        assert code == 2 and "execution_device='cpu'" in err
+    # a Hub id while the Hub cannot be reached: one quick line, not the download's retries
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    code, err = cli_error(capsys, "generate", "someone/not-cached-model", "--prompt", "x")
+    assert code == 2 and "http://127.0.0.1:9 cannot be reached" in err
+
+
 def test_the_entry_point_prints_no_traceback_and_usage_errors_are_one_line(tmp_path):
     result = run_cli("generate", str(tmp_path / "missing"), "--prompt", "x")
     assert result.returncode == 2 and result.stdout == ""

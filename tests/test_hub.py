@@ -240,3 +240,24 @@ def test_a_plain_push_to_hub_uploads_the_code_files_and_tags_its_card(fake_hub, 
     card = ModelCard(fake_hub.files["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.tags == list(TAGS)
     assert GPTMoEForCausalLM(tiny_config()).model_tags == list(TAGS)  # one tag list, the model's
+
+
+@pytest.mark.parametrize("how", ["hf_moe_offload", "transformers"])
+def test_pushing_an_offloaded_model_uploads_its_real_weights(how, fake_hub, monkeypatch, tmp_path):
+    from safetensors.torch import load
+
+    from hf_moe_offload import OffloadConfig, disable_offload, enable_offload
+
+    monkeypatch.setattr(ModelCard, "load", mock.Mock(side_effect=EntryNotFoundError("no README.md yet")))
+    model = GPTMoEForCausalLM(tiny_config()).eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    enable_offload(model, OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store"))
+    try:
+        if how == "transformers":
+            model.push_to_hub("someone/tiny-moe")
+        else:
+            push_to_hub(model, "someone/tiny-moe")
+    finally:
+        disable_offload(model)
+    uploaded = load(fake_hub.files["model.safetensors"])
+    assert uploaded.keys() and all(torch.equal(value, expected[key]) for key, value in uploaded.items())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompts, tiny_model
+from helpers import nvme_path, prompts, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_moe_offload import OffloadConfig, disable_offload, get_offload_stats, load_offloaded
@@ -37,7 +37,7 @@ def test_load_offloaded_generates_like_from_pretrained(arch, kind, tmp_path):
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         logits = model(ids).logits
-    config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=2)
+    config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), prefetch_depth=2)
     offloaded = load_offloaded(path, config)
     with torch.no_grad():
         assert torch.equal(offloaded(ids).logits, logits)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import prompts, tiny_model
+from helpers import nvme_path, prompts, tiny_model
 
 
 @pytest.mark.distributed
@@ -33,7 +33,7 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
         dist.init_process_group("gloo")
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}).eval()
         reference = torch.load({str(tmp_path / "reference.pt")!r})
-        config = OffloadConfig(offload_device={kind!r}, nvme_path={str(tmp_path / "store")!r}, prefetch_depth=2)
+        config = OffloadConfig(offload_device={kind!r}, nvme_path={nvme_path(kind, tmp_path)!r}, prefetch_depth=2)
         enable_offload(model, config)
         tokens = model.generate(reference["ids"], max_new_tokens=6, do_sample=False)
         assert torch.equal(tokens, reference["tokens"]), (tokens, reference["tokens"])

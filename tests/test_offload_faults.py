@@ -9,9 +9,10 @@ import threading
 
 import pytest
 import torch
-from helpers import prompts, tiny_model
+from helpers import nvme_path, prompts, tiny_model
 from torch import nn
 
+import hf_moe_offload
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
 from hf_moe_offload.offload import store as store_module
 
@@ -38,11 +39,27 @@ def llama_and_tokens():
     [
         ({"offload_device": "disk"}, "offload_device ('disk') must be one of"),
         ({"offload_device": "nvme"}, "needs nvme_path"),
-        ({"prefetch_depth": -1}, "prefetch_depth (-1) must be an integer >= 0"),
-        ({"prefetch_depth": 1.5}, "prefetch_depth (1.5) must be an integer >= 0"),
-        ({"io_threads": 0}, "io_threads (0) must be an integer >= 1"),
+        ({"prefetch_depth": -1}, "prefetch_depth (-1) must be an integer in [0, 64]"),
+        ({"prefetch_depth": 1.5}, "prefetch_depth (1.5) must be an integer in [0, 64]"),
+        ({"prefetch_depth": 10**6}, "prefetch_depth (1000000) must be an integer in [0, 64]"),
+        ({"prefetch_depth": True}, "prefetch_depth (True) must be an integer"),
+        ({"io_threads": 0}, "io_threads (0) must be an integer in [1, 256]"),
         ({"execution_device": "meta"}, "execution_device ('meta') must be the CPU or a CUDA device"),
         ({"execution_device": "not a device"}, "is not a torch device"),
+        ({"execution_device": 1.5}, "execution_device (1.5) must be a str, an int or a torch.device"),
+        # booleans must be bools: "False" is a true string
+        ({"direct_io": "False"}, "direct_io ('False') must be True or False (a bool, not str)"),
+        ({"pin_memory": "false"}, "pin_memory ('false') must be True or False"),
+        ({"verify_reads": 1}, "verify_reads (1) must be True or False (a bool, not int)"),
+        ({"distributed": "no"}, "distributed ('no') must be True, False or None"),
+        ({"offload_device": "nvme", "nvme_path": 5}, "nvme_path (5) must be a str or an os.PathLike, not int"),
+        ({"offload_device": "nvme", "nvme_path": b"/tmp/x"}, "nvme_path (b'/tmp/x') must be a str or an os.PathLike"),
+        ({"offload_device": "nvme", "nvme_path": ""}, "nvme_path ('') must be a non-empty path"),
+        ({"nvme_path": "/tmp/store"}, "nvme_path ('/tmp/store') is set but offload_device is 'cpu'"),
+        ({"chunk_bytes": 4096.0}, "chunk_bytes (4096.0) must be an integer in [4096, 1073741824]"),
+        ({"chunk_bytes": 6000}, "chunk_bytes (6000) must be a multiple of 4096"),
+        ({"expert_cache_size": -1}, "expert_cache_size (-1) must be an integer >= 0"),
+        ({"dtype": "bfloat16"}, "dtype ('bfloat16') must be a torch.dtype"),
     ],
 )
 def test_bad_config_values(kwargs, message):
@@ -67,24 +84,82 @@ def test_from_deepspeed_reads_zero_inference_config():
     assert OffloadConfig.from_deepspeed({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
 
 
+def zero3(offload: dict, **top) -> dict:
+    return {"zero_optimization": {"stage": 3, "offload_param": offload}, **top}
+
+
+def test_from_deepspeed_auto_values_mean_the_defaults_and_precision_gives_the_dtype(caplog):
+    # as pasted from the transformers DeepSpeed docs
+    ds = zero3(
+        {"device": "cpu", "pin_memory": "auto", "buffer_count": "auto", "nvme_path": "auto"},
+        aio={"thread_count": "auto"},
+        bf16={"enabled": True},
+    )
+    config = OffloadConfig.from_deepspeed(ds)
+    default = OffloadConfig()
+    assert (config.pin_memory, config.prefetch_depth, config.io_threads) == (
+        default.pin_memory,
+        default.prefetch_depth,
+        default.io_threads,
+    )
+    assert config.dtype == torch.bfloat16
+    assert OffloadConfig.from_deepspeed(zero3({"device": "cpu"}, fp16={"enabled": True})).dtype == torch.float16
+    assert OffloadConfig.from_deepspeed(zero3({"device": "cpu"}, bf16={"enabled": "auto"})).dtype is None
+    assert OffloadConfig.from_deepspeed(zero3({"device": "cpu"}, bf16={"enabled": True}), dtype=None).dtype is None
+
+
+def test_from_deepspeed_reads_a_json_file_and_names_what_it_ignores(tmp_path, caplog):
+    ds = zero3({"device": "nvme", "nvme_path": str(tmp_path), "buffer_size": 1e8}, train_batch_size=8)
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = "auto"
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ds))
+    with caplog.at_level("WARNING"):
+        config = OffloadConfig.from_deepspeed(path)
+    assert config.offload_device == "nvme" and config.nvme_path == str(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(warnings) == 1  # one warning naming every ignored key
+    for key in ("train_batch_size", "zero_optimization.stage3_prefetch_bucket_size", "offload_param.buffer_size"):
+        assert key in warnings[0]
+
+
 @pytest.mark.parametrize(
     ("ds_config", "message"),
     [
         ({"train_batch_size": 1}, "'zero_optimization' section"),
-        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "stage (2) must be 3"),
+        ({"zero_optimization": None}, "'zero_optimization' section (a dict)"),
+        (zero3({"device": "cpu"}) | {"zero_optimization": {"stage": 2}}, "stage (2) must be the integer 3"),
+        ({"zero_optimization": {"stage": "3", "offload_param": {"device": "cpu"}}}, "stage ('3') must be the integer"),
         ({"zero_optimization": {"stage": 3}}, "offload_param is missing"),
-        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}, "device ('none') must be one of"),
-        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}, "device ('gpu') must be one of"),
-        (
-            {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "buffer_count": 0}}},
-            "buffer_count (0) must be an integer >= 1",
-        ),
+        (zero3({"device": "none"}), "device ('none') must be one of"),
+        (zero3({"device": "gpu"}), "device ('gpu') must be one of"),
+        (zero3({"device": "cpu", "buffer_count": 0}), "buffer_count (0) must be an integer >= 1"),
+        (zero3({"device": "cpu", "buffer_count": True}), "buffer_count (True) must be an integer >= 1"),
+        (zero3({"device": "cpu", "pin_memory": "false"}), "pin_memory ('false') must be true, false or \"auto\""),
+        (zero3({"device": "cpu"}, aio={"thread_count": "4"}), "io_threads ('4') must be an integer"),
+        (zero3({"device": "cpu"}, bf16={"enabled": True}, fp16={"enabled": True}), "both bf16 and fp16"),
+        (zero3({"device": "cpu"}, bf16={"enabled": "yes"}), "bf16.enabled ('yes') must be true, false or"),
+        ("/no/such/ds_config.json", "ds_config (/no/such/ds_config.json) cannot be read"),
     ],
 )
 def test_from_deepspeed_bad_configs(ds_config, message):
     with pytest.raises(ValueError) as err:
         OffloadConfig.from_deepspeed(ds_config)
     assert message in str(err.value)
+
+
+def test_cuda_on_a_torch_without_cuda_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(ValueError, match=r"built without CUDA; use execution_device='cpu'"):
+        OffloadConfig(execution_device="cuda")
+    monkeypatch.undo()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    # a torch with CUDA on a machine without a device: refused when offloading starts, before any file is made
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", execution_device="cuda:0")
+    with pytest.raises(ValueError, match=r"sees no CUDA device on this machine; use execution_device='cpu'"):
+        hf_moe_offload.load_offloaded(tmp_path / "no_checkpoint", config)
+    assert not (tmp_path / "store").exists()
 
 
 # -- models the runtime cannot take --------------------------------------------------------------------------------
@@ -168,11 +243,12 @@ def test_running_out_of_space_while_writing_leaves_no_store(tmp_path, monkeypatc
         real_fsync(fd)
 
     monkeypatch.setattr(store_module.os, "fsync", fsync_fails_on_third_file)
-    with pytest.raises(RuntimeError, match=r"writing the NVMe store file .*unit_00002.safetensors.tmp failed \(out of"):
+    with pytest.raises(RuntimeError, match=r"writing the NVMe store file .*unit_00002.safetensors failed \(out of"):
         enable_offload(model, nvme(tmp_path))
     monkeypatch.setattr(store_module.os, "fsync", real_fsync)
     store_dir = tmp_path / "store"
     assert not (store_dir / "manifest.json").exists() and not list(store_dir.glob("*.tmp"))
+    assert not unit_files(tmp_path)  # the two finished files of a store without a manifest were removed too
     # the model was left as it was and the next attempt writes a whole store
     assert torch.equal(model.generate(prompts(), max_new_tokens=6, do_sample=False), tokens)
     enable_offload(model, nvme(tmp_path))
@@ -264,7 +340,7 @@ def test_store_file_truncated_while_running_raises_never_wrong_tokens(map_files,
     enable_offload(model, nvme(tmp_path, prefetch_depth=2, map_files=map_files))
     victim = unit_files(tmp_path)[2]
     os.truncate(victim, 4096 + 64)
-    with pytest.raises(RuntimeError, match=rf"{victim.name} is truncated"):
+    with pytest.raises(RuntimeError, match=rf"{victim.name} changed after it was opened \(its size changed"):
         model.generate(prompts(), max_new_tokens=6, do_sample=False)
 
 
@@ -297,7 +373,9 @@ def test_reader_thread_exception_surfaces_in_the_caller(map_files, method, threa
 @pytest.mark.parametrize(("kind", "map_files"), [("cpu", False), ("nvme", False), ("nvme", True)])
 def test_keyboard_interrupt_mid_generate_leaves_the_model_usable(kind, map_files, tmp_path, llama_and_tokens):
     model, tokens = llama_and_tokens
-    config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", prefetch_depth=2, map_files=map_files)
+    config = OffloadConfig(
+        offload_device=kind, nvme_path=nvme_path(kind, tmp_path), prefetch_depth=2, map_files=map_files
+    )
     enable_offload(model, config)
     calls = [0]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import prompts, tiny_model
+from helpers import nvme_path, prompts, tiny_model
 
 from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
 
@@ -24,7 +24,9 @@ def reference_on_the_gpu(arch):
 @pytest.mark.parametrize("kind", ["cpu", "nvme"])
 def test_cuda_offloaded_generate_matches_the_model_on_the_gpu(arch, kind, tmp_path):
     model, ids, logits, tokens = reference_on_the_gpu(arch)
-    config = OffloadConfig(offload_device=kind, nvme_path=tmp_path / "store", execution_device="cuda", prefetch_depth=2)
+    config = OffloadConfig(
+        offload_device=kind, nvme_path=nvme_path(kind, tmp_path), execution_device="cuda", prefetch_depth=2
+    )
     enable_offload(model, config)
     assert model.device.type == "cuda"
     with torch.no_grad():

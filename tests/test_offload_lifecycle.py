@@ -109,6 +109,7 @@ def test_the_execution_device_is_decided_when_offloading_starts(tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "current_device", probed)
     config = OffloadConfig(execution_device=None)  # nothing is probed at construction
     assert config.execution_device is None
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)  # (only how torch was built is checked)
     assert OffloadConfig(execution_device="cuda").execution_device == torch.device("cuda")  # an index comes later
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = enable_offload(tiny_model("gpt2"), config)

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import resource
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..timing import Phase, StepClock
 
@@ -35,11 +37,21 @@ def resolve_model(name: str) -> str:
         raise UsageError(f"model path {name!r} does not exist")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    if constants.HF_HUB_OFFLINE:
         raise UsageError(
             f"{name!r} is not a local directory, and as a Hub id it cannot be fetched: the Hub is offline "
             "(HF_HUB_OFFLINE=1) and it is not in the local cache"
         )
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:  # one quick connection, rather than the download's retries against an unreachable Hub
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as err:
+        raise UsageError(
+            f"{name!r} is not a local directory, and as a Hub id it cannot be fetched: {constants.ENDPOINT} cannot "
+            f"be reached ({err.strerror or err}) and it is not in the local cache"
+        ) from err
     return name
 
 
@@ -148,11 +160,24 @@ def load_tokenizer(args: argparse.Namespace, model: str):
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt:
+        empty = [i for i, prompt in enumerate(args.prompt, 1) if not prompt.strip()]
+        if empty:
+            raise UsageError(f"--prompt number {empty[0]} is empty: a prompt needs at least one token")
         return list(args.prompt)
     path = Path(args.prompts_file)
+    if path.is_dir():
+        raise UsageError(f"--prompts-file {str(path)!r} is a directory, not a file of prompts")
     if not path.is_file():
         raise UsageError(f"--prompts-file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"--prompts-file {str(path)!r} is not UTF-8 text (byte {err.start} cannot be decoded): give one prompt "
+            f"per line, or a .jsonl file of JSON strings"
+        ) from err
+    except OSError as err:
+        raise UsageError(f"--prompts-file {str(path)!r} cannot be read: {err.strerror}") from err
     if path.suffix == ".jsonl":  # one JSON string (or {"prompt": ...}) per line: prompts with newlines
         prompts = []
         for number, line in enumerate(lines, 1):

@@ -3,11 +3,16 @@ so they live here and are never written into `config.json`."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 _OFFLOAD_DEVICES = ("cpu", "nvme")
@@ -39,6 +44,10 @@ class OffloadConfig:
         map_files: on the CPU execution device, map the NVMe store's pages (zero-copy from the page cache) instead
             of copying them into slot buffers: several times less CPU time per byte. Not with `direct_io`.
         verify_checksums: check every store file against its manifest checksum when an existing store is reused.
+        verify_reads: before each fetch of a unit, check its store file's CRC32 against the manifest (a whole-file
+            read: catches a bad page or bytes changed in place; costs one more read of the unit, measured in
+            `benchmarks/README.md`). Without it, every fetch still checks each file's identity (inode, size, times),
+            and `disable_offload` and saving always check the CRCs before bytes leave the store.
         distributed: split each unit's read over the processes of the default `torch.distributed` group and
             all-gather it (ZeRO-Inference's multi-GPU fetch). `None`: on when a group with several processes exists.
         expert_fetch: how the experts of MoE layers (the transformers v5 fused layout: Mixtral, Qwen2-MoE, OLMoE,
@@ -61,6 +70,8 @@ class OffloadConfig:
             break-even of the store's read path: 1.0 (never switch) when NVMe pages are mapped on the CPU device,
             where fetching fewer pages is never slower; 0.75 when experts are read into buffers (O_DIRECT, the CPU
             store, CUDA): see `benchmarks/README.md`.
+        dtype: the dtype `load_offloaded` loads the weights in when its `dtype=` argument is not given (set by
+            `from_deepspeed` from an enabled `bf16` / `fp16` section); not used by `enable_offload`.
     """
 
     offload_device: str = "cpu"
@@ -73,90 +84,203 @@ class OffloadConfig:
     reuse_checkpoint: bool = True
     map_files: bool = True
     verify_checksums: bool = True
+    verify_reads: bool = False
     distributed: bool | None = None
     expert_fetch: str = "routed"
     expert_cache_size: int = 8
     speculative_prefetch: bool = True
     expert_break_even: float | None = None
+    dtype: torch.dtype | None = None
     chunk_bytes: int = field(default=16 << 20, repr=False)
 
     def __post_init__(self) -> None:
         if self.offload_device not in _OFFLOAD_DEVICES:
             raise ValueError(f"offload_device ({self.offload_device!r}) must be one of {_OFFLOAD_DEVICES}")
+        if self.nvme_path is not None:
+            self.nvme_path = _check_path(self.nvme_path, "nvme_path")
         if self.offload_device == "nvme" and self.nvme_path is None:
             raise ValueError("offload_device='nvme' needs nvme_path, the directory of the store")
-        if self.nvme_path is not None:
-            self.nvme_path = os.fspath(self.nvme_path)
-        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
-            raise ValueError(f"prefetch_depth ({self.prefetch_depth!r}) must be an integer >= 0")
-        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
-            raise ValueError(f"io_threads ({self.io_threads!r}) must be an integer >= 1")
+        if self.offload_device == "cpu" and self.nvme_path is not None:
+            raise ValueError(
+                f"nvme_path ({self.nvme_path!r}) is set but offload_device is 'cpu': the CPU store keeps the weights "
+                f"in host memory; set offload_device='nvme' to use the directory, or drop nvme_path"
+            )
+        for name in _BOOLEANS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} ({value!r}) must be True or False (a bool, not {type(value).__name__})")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise ValueError(f"distributed ({self.distributed!r}) must be True, False or None (decided by the group)")
+        _check_int("prefetch_depth", self.prefetch_depth, 0, MAX_PREFETCH_DEPTH, "units fetched ahead")
+        _check_int("io_threads", self.io_threads, 1, MAX_IO_THREADS, "reader threads")
         if self.expert_fetch not in _EXPERT_FETCH:
             raise ValueError(f"expert_fetch ({self.expert_fetch!r}) must be one of {_EXPERT_FETCH}")
-        size = self.expert_cache_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"expert_cache_size ({size!r}) must be an integer >= 0 (experts kept per MoE layer)")
+        _check_int("expert_cache_size", self.expert_cache_size, 0, None, "experts kept per MoE layer")
         if self.expert_break_even is not None and (
             isinstance(self.expert_break_even, bool)
             or not isinstance(self.expert_break_even, (int, float))
             or not 0.0 < self.expert_break_even <= 1.0
         ):
             raise ValueError(f"expert_break_even ({self.expert_break_even!r}) must be a fraction in (0, 1]")
-        if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
-            raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a positive multiple of 4096")
+        _check_int("chunk_bytes", self.chunk_bytes, 4096, MAX_CHUNK_BYTES, "bytes per read")
+        if self.chunk_bytes % 4096:
+            raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a multiple of 4096")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype ({self.dtype!r}) must be a torch.dtype (e.g. torch.bfloat16) or None")
         self.execution_device = _parse_device(self.execution_device)
 
     @classmethod
-    def from_deepspeed(cls, ds_config: dict[str, Any], **overrides: Any) -> OffloadConfig:
+    def from_deepspeed(cls, ds_config: dict[str, Any] | str | os.PathLike, **overrides: Any) -> OffloadConfig:
         """Read a DeepSpeed ZeRO-Inference config: `{"zero_optimization": {"stage": 3, "offload_param": {...}}}`.
 
         `offload_param.device` ("cpu" | "nvme"), `nvme_path`, `pin_memory` and `buffer_count` (the number of parameter
-        buffers: `prefetch_depth = buffer_count - 1`) are read, and `aio.thread_count` gives `io_threads`. Keyword
-        arguments override what the dict says (e.g. `execution_device`).
+        buffers: `prefetch_depth = buffer_count - 1`) are read, `aio.thread_count` gives `io_threads`, and an enabled
+        `bf16` / `fp16` section gives the `dtype` `load_offloaded` loads (its own `dtype=` argument wins). `"auto"`
+        (as in the transformers DeepSpeed docs) means this runtime's default. Every other key is ignored, and named in
+        one warning.
+
+        Args:
+            ds_config (`dict`, `str` or `os.PathLike`): the DeepSpeed config, or the path of its JSON file (as
+                transformers' `deepspeed=` argument takes).
+            overrides: `OffloadConfig` fields that win over what the config says (e.g. `execution_device`).
         """
-        if not isinstance(ds_config, dict) or "zero_optimization" not in ds_config:
-            raise ValueError("ds_config must be a DeepSpeed config dict with a 'zero_optimization' section")
-        zero = ds_config["zero_optimization"]
-        stage = zero.get("stage", 0)
-        if stage != 3:
+        if isinstance(ds_config, (str, os.PathLike)):
+            path = os.fspath(ds_config)
+            try:
+                with open(path) as f:
+                    ds_config = json.load(f)
+            except OSError as err:
+                raise ValueError(f"ds_config ({path}) cannot be read: {err.strerror or err}") from err
+            except ValueError as err:
+                raise ValueError(f"ds_config ({path}) is not valid JSON: {err}") from err
+        if not isinstance(ds_config, dict) or not isinstance(ds_config.get("zero_optimization"), dict):
             raise ValueError(
-                f"zero_optimization.stage ({stage}) must be 3: ZeRO-Inference offloads parameters with stage 3"
+                "ds_config must be a DeepSpeed config (a dict or the path of its JSON file) with a 'zero_optimization' "
+                "section (a dict)"
+            )
+        ignored = [key for key in ds_config if key not in ("zero_optimization", "aio", "bf16", "fp16")]
+        zero = ds_config["zero_optimization"]
+        ignored += [f"zero_optimization.{key}" for key in zero if key not in ("stage", "offload_param")]
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or stage != 3:
+            raise ValueError(
+                f"zero_optimization.stage ({stage!r}) must be the integer 3: ZeRO-Inference offloads parameters with "
+                f"stage 3"
             )
         offload = zero.get("offload_param")
         if not isinstance(offload, dict):
             raise ValueError("zero_optimization.offload_param is missing: it says where the parameters are offloaded")
+        known = ("device", "nvme_path", "pin_memory", "buffer_count")
+        ignored += [f"zero_optimization.offload_param.{key}" for key in offload if key not in known]
         device = offload.get("device")
         if device not in _OFFLOAD_DEVICES:
             raise ValueError(f"zero_optimization.offload_param.device ({device!r}) must be one of {_OFFLOAD_DEVICES}")
         kwargs: dict[str, Any] = {"offload_device": device}
-        if offload.get("nvme_path") is not None:
-            kwargs["nvme_path"] = offload["nvme_path"]
-        if "pin_memory" in offload:
-            kwargs["pin_memory"] = bool(offload["pin_memory"])
-        if "buffer_count" in offload:
-            buffer_count = offload["buffer_count"]
-            if not isinstance(buffer_count, int) or buffer_count < 1:
+        nvme_path = offload.get("nvme_path")
+        if nvme_path is not None and nvme_path != AUTO:
+            if device == "nvme":
+                kwargs["nvme_path"] = nvme_path
+            else:
+                ignored.append("zero_optimization.offload_param.nvme_path (device is 'cpu')")
+        pin_memory = offload.get("pin_memory", AUTO)
+        if pin_memory != AUTO:
+            if not isinstance(pin_memory, bool):
                 raise ValueError(
-                    f"zero_optimization.offload_param.buffer_count ({buffer_count!r}) must be an integer >= 1"
+                    f'zero_optimization.offload_param.pin_memory ({pin_memory!r}) must be true, false or "auto"'
+                )
+            kwargs["pin_memory"] = pin_memory
+        buffer_count = offload.get("buffer_count", AUTO)
+        if buffer_count != AUTO:
+            if isinstance(buffer_count, bool) or not isinstance(buffer_count, int) or buffer_count < 1:
+                raise ValueError(
+                    f'zero_optimization.offload_param.buffer_count ({buffer_count!r}) must be an integer >= 1 or "auto"'
                 )
             kwargs["prefetch_depth"] = buffer_count - 1
-        aio = ds_config.get("aio") or {}
-        if "thread_count" in aio:
+        aio = ds_config.get("aio")
+        if aio is not None and not isinstance(aio, dict):
+            raise ValueError(f"aio ({aio!r}) must be a dict")
+        aio = aio or {}
+        ignored += [f"aio.{key}" for key in aio if key != "thread_count"]
+        if aio.get("thread_count", AUTO) != AUTO:
             kwargs["io_threads"] = aio["thread_count"]
+        dtypes = [
+            dtype for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if _enabled(ds_config, key)
+        ]
+        if len(dtypes) > 1:
+            raise ValueError("ds_config enables both bf16 and fp16: enable at most one")
+        if dtypes:
+            kwargs["dtype"] = dtypes[0]
+        if ignored:
+            logger.warning(f"OffloadConfig.from_deepspeed ignores these DeepSpeed config keys: {', '.join(ignored)}")
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
+AUTO = "auto"
+_BOOLEANS = (
+    "pin_memory",
+    "direct_io",
+    "reuse_checkpoint",
+    "map_files",
+    "verify_checksums",
+    "verify_reads",
+    "speculative_prefetch",
+)
+MAX_PREFETCH_DEPTH = 64
+MAX_IO_THREADS = 256
+MAX_CHUNK_BYTES = 1 << 30
+
+
+def _enabled(ds_config: dict, key: str) -> bool:
+    section = ds_config.get(key)
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise ValueError(f'{key} ({section!r}) must be a dict such as {{"enabled": true}}')
+    enabled = section.get("enabled", False)
+    if enabled == AUTO:
+        return False  # "auto": the dtype the model already has
+    if not isinstance(enabled, bool):
+        raise ValueError(f'{key}.enabled ({enabled!r}) must be true, false or "auto"')
+    return enabled
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} ({value!r}) must be an integer {bound} ({what})")
+
+
+def _check_path(path: Any, name: str) -> str:
+    """`path` as a `str` (a `str` or an `os.PathLike` giving one), with a clear error otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{name} ({path!r}) must be a str or an os.PathLike, not {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise ValueError(f"{name} ({path!r}) must be a text path (str), not {type(path).__name__}")
+    if not path or "\0" in path:
+        raise ValueError(f"{name} ({path!r}) must be a non-empty path")
+    return path
+
+
 def _parse_device(device: str | int | torch.device | None) -> torch.device | None:
-    """`execution_device` as a `torch.device` (None stays None), checked without asking torch which devices exist."""
+    """`execution_device` as a `torch.device` (None stays None), checked against how torch was built (whether it
+    has CUDA at all), without asking which devices exist: that is decided when offloading starts."""
     if device is None:
         return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(f"execution_device ({device!r}) must be a str, an int or a torch.device (e.g. 'cpu', 0)")
     try:
         parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"execution_device ({device!r}) is not a torch device (e.g. 'cpu', 'cuda:0', 0)") from err
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"execution_device ({device!r}) must be the CPU or a CUDA device")
+    if parsed.type == "cuda" and not torch.backends.cuda.is_built():
+        raise ValueError(
+            f"execution_device ({device!r}) is a CUDA device but this torch ({torch.__version__}) was built without "
+            f"CUDA; use execution_device='cpu', or install a CUDA build of torch"
+        )
     return parsed
 
 
@@ -166,6 +290,17 @@ def resolve_execution_device(config: OffloadConfig) -> torch.device:
     device = config.execution_device
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"execution_device ({device}) is a CUDA device but torch ({torch.__version__}) sees no CUDA device on "
+                f"this machine; use execution_device='cpu'"
+            )
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"execution_device ({device}) does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s)"
+            )
     return device

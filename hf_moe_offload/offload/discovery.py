@@ -14,29 +14,41 @@ from torch import nn
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The `ModuleList` holding the decoder blocks: not inside another list, preferably of a `_no_split_modules`
-    class, else the one with the most parameters."""
+    class, else the one with the most parameters. An encoder-decoder model is refused: the runtime streams one stack
+    of decoder blocks."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model: the offload runtime streams a decoder-only causal LM "
+            f"(one torch.nn.ModuleList of decoder blocks, such as model.layers)"
+        )
     no_split = set(getattr(model, "_no_split_modules", None) or ())
-    candidates = []
+    candidates: list[tuple[str, nn.ModuleList, bool, int]] = []
+    empty: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if any(name.startswith(other + ".") for other, _ in candidates):
+        if any(name.startswith(other + ".") for other, *_ in candidates):
             continue
         numel = sum(p.numel() for p in module.parameters())
+        if numel == 0:
+            empty.append(name)
+            continue
         preferred = type(module[0]).__name__ in no_split
         candidates.append((name, module, preferred, numel))
-    candidates = [c for c in candidates if c[3] > 0]
     if not candidates:
+        found = f" (its lists {', '.join(empty)} hold no parameters)" if empty else ""
         raise ValueError(
             f"{type(model).__name__} has no torch.nn.ModuleList of decoder blocks (such as model.layers or "
-            f"transformer.h): the offload runtime streams a decoder-only causal LM block by block"
+            f"transformer.h){found}: the offload runtime streams a decoder-only causal LM block by block"
         )
     name, module, _, _ = max(candidates, key=lambda c: (c[2], c[3]))
     return name, module
 
 
 def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Units in module order: the blocks, and the other modules holding parameters that are not above the blocks."""
+    """Units in module order: the blocks, and the other modules holding parameters that are not above the blocks
+    (the modules of another `ModuleList` each one unit)."""
     list_name, blocks = find_block_list(model)
     parts = list_name.split(".")
     ancestors = {".".join(parts[:i]) for i in range(len(parts))}
@@ -49,6 +61,8 @@ def find_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if name.startswith(list_name + ".") or any(name.startswith(unit + ".") for unit, _ in units):
             continue
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue  # a container is never called: its modules are (each its own unit)
         if any(True for _ in module.parameters()):
             units.append((name, module))
     return units

@@ -307,7 +307,7 @@ class _VirtualExperts(_ExpertLayer):
     def _load(self, expert: int) -> None:
         """On an I/O thread: make one expert's pages resident."""
         if self.file_backed:
-            self.context.store.populate(self._pages(expert))
+            self.context.store.populate(self._pages(expert), self.plan.key)
             return
         stride = self.layout.stride
         rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)

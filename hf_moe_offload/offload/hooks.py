@@ -28,7 +28,7 @@ class Runtime(Protocol):
     def gather_rows(self, unit: int, ids: torch.Tensor) -> torch.Tensor: ...
     def begin_forward(self, num_tokens: int | None) -> None: ...
     def end_forward(self) -> None: ...
-    def release_all(self) -> None: ...
+    def finish_forward(self) -> None: ...
 
 
 class UnitHook(ModelHook):
@@ -100,12 +100,13 @@ class RootHook(ModelHook):
 
 
 def add_release_on_error(model: nn.Module, runtime: Runtime):
-    """Units bound by a forward that raised are released in that call: a forward hook with `always_call=True` runs
-    after the model's forward whether it returned or raised (`KeyboardInterrupt`, which torch does not route through
-    it, is released at the start of the next forward). Returns the hook's handle."""
+    """The forward is finished in every case (units it left bound released, the next forward let in): a forward
+    hook with `always_call=True` runs after the model's forward whether it returned or raised (`KeyboardInterrupt`,
+    which torch does not route through it, is released at the start of the next forward of the same thread).
+    Returns the hook's handle."""
 
     def release(module, args, output):
-        runtime.release_all()
+        runtime.finish_forward()
 
     return model.register_forward_hook(release, always_call=True)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +20,9 @@ from accelerate.hooks import remove_hook_from_module
 from torch import nn
 
 from .api import attach, check_config, new_runtime
+from .config import resolve_execution_device
 from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, UnitPlan, checkpoint_plans, own_tensors
+from .ownership import conversion_folder, remove_leftovers
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
 
@@ -129,10 +130,11 @@ def load_offloaded(
         config (`OffloadConfig`, *optional*):
             Where the weights live and how they stream; defaults to `OffloadConfig()`.
         dtype (`torch.dtype` or `str`, *optional*):
-            The weights' dtype (`torch.bfloat16`, `"float32"`, `"auto"`); default: the checkpoint's.
+            The weights' dtype (`torch.bfloat16`, `"float32"`, `"auto"`); default: `config.dtype` (e.g. from a
+            DeepSpeed config's `bf16` section), else the checkpoint's.
         from_pretrained_kwargs:
             Passed to `AutoModelForCausalLM.from_pretrained` (`trust_remote_code`, `revision`, ...); not
-            `device_map`, which the runtime sets itself.
+            `device_map` or `offload_folder`, which the runtime sets itself.
 
     Returns:
         `torch.nn.Module`: the model, offloaded (undo with `disable_offload`, which loads it into CPU memory).
@@ -140,21 +142,30 @@ def load_offloaded(
     from transformers import AutoModelForCausalLM
 
     config = check_config(config)
+    resolve_execution_device(config)  # a device this machine lacks is refused before any work
+    if not isinstance(name_or_path, (str, os.PathLike)) or not isinstance(os.fspath(name_or_path), str):
+        raise ValueError(f"name_or_path ({name_or_path!r}) must be a checkpoint directory or a Hub id (a str)")
     name_or_path = os.fspath(name_or_path)
-    if from_pretrained_kwargs.get("device_map") is not None:
-        raise ValueError("load_offloaded places the weights itself: do not pass device_map")
+    for placed in ("device_map", "offload_folder"):
+        if from_pretrained_kwargs.get(placed) is not None:
+            raise ValueError(f"load_offloaded places the weights itself: do not pass {placed}")
+        from_pretrained_kwargs.pop(placed, None)
     _check_safetensors(name_or_path)
+    if dtype is None:
+        dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype):
+        named = getattr(torch, dtype, None)
+        if not isinstance(named, torch.dtype):
             raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name (e.g. 'bfloat16', 'float32', 'auto')")
+        dtype = named
     # Tensors transformers must convert (fused experts, another dtype) pass through this folder once, on the NVMe
     # drive when there is one: /tmp may be small.
-    scratch = config.nvme_path if config.offload_device == "nvme" else None
+    scratch = os.path.abspath(config.nvme_path) if config.offload_device == "nvme" else None
     if scratch is not None:
         check_writable_dir(scratch)
+        remove_leftovers(scratch, temporary_files=False)  # what loads interrupted before left
     try:
-        offload_folder = tempfile.mkdtemp(prefix=".hf_moe_offload_convert_", dir=scratch)
+        offload_folder = conversion_folder(scratch)
     except OSError as err:
         raise ValueError(f"nvme_path ({scratch}) is not writable: {err.strerror}") from err
     try:

@@ -76,6 +76,7 @@ class FetchPipeline:
         chunk_bytes: int,
         group=None,
         map_files: bool = False,
+        verify: bool = False,
     ):
         """
         Args:
@@ -88,8 +89,10 @@ class FetchPipeline:
             chunk_bytes: the largest read given to one reader.
             group: the process group whose ranks each read 1/N of a unit, or None.
             map_files: on the CPU device, map the store's pages instead of reading them into slot buffers.
+            verify: check the CRC of a unit's store files before each fetch of it (`OffloadConfig.verify_reads`).
         """
         self.plans = plans
+        self.verify = verify
         # MoE units fetch only their dense part while `routed` (their experts come one by one, see experts.py)
         self.routed = False
         self.store = store
@@ -162,6 +165,8 @@ class FetchPipeline:
         gather(buffer[: share * self.world], mine, group=self.group)
 
     def _fetch(self, plan: UnitPlan, slot: Slot) -> None:
+        if self.verify:
+            self.store.verify(self.plans[slot.unit])
         if self.map_files:
             # each plan's ranges are mapped once; a fetch maps their pages, freeing the slot unmaps them
             entry = self._mappings.get(id(plan))

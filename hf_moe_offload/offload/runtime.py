@@ -9,6 +9,7 @@ released by `close()` or, should the model be garbage-collected while offloaded,
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import weakref
@@ -47,6 +48,7 @@ from .layout import (
     tensor_bytes,
 )
 from .prefetch import FetchPipeline
+from .saving import StateDictHooks, guard_save, unguard_save
 from .stats import OffloadStats
 from .store import CheckpointStore, CpuStore, open_nvme_store, read_tensor
 from .transfer import Transfer
@@ -110,6 +112,8 @@ class _Reaper:
                 _close_resources(*resources)
             except Exception as error:  # a dead model's resources: nothing to raise to
                 logger.warning(f"closing the resources of a garbage-collected offloaded model failed: {error}")
+            # hold nothing while waiting: the experts reference their modules, and so the whole dead runtime
+            del resources
 
 
 _reap = _Reaper()
@@ -132,6 +136,11 @@ class OffloadRuntime:
         self.config = config
         self.device = device
         self.unit_modules = find_units(model)
+        if config.prefetch_depth >= len(self.unit_modules):
+            raise ValueError(
+                f"prefetch_depth ({config.prefetch_depth}) must be < the number of units ({len(self.unit_modules)}) "
+                f"of this {type(model).__name__}: at most every other unit can be fetched ahead"
+            )
         parameters = find_parameters(model)
         # MoE layers (v5 fused experts) inside the blocks: their experts are stored expert-major
         self.experts_modules: dict[str, nn.Module] = {}
@@ -182,7 +191,17 @@ class OffloadRuntime:
         self.guarded: list[str] = []
         self.previous_experts_implementation: str | None = None
         self._release_hook = None
+        self._state_dict_hooks: StateDictHooks | None = None
         self._finalizer = None
+        # forwards of one model run one at a time (two threads calling generate get their own right tokens)
+        self._forward_lock = threading.Lock()
+        self._forward_owner: int | None = None
+        self.stored_units = {
+            name: plan.index
+            for plan in reversed(self.plans)
+            for name in [spec.name for spec, _ in plan.tensors]
+            + [spec.name for layout in plan.experts for spec in layout.group.params]
+        }
 
     @property
     def expert_layers(self) -> list:
@@ -203,12 +222,12 @@ class OffloadRuntime:
             if checkpoint_plans is not None:
                 self.plans = checkpoint_plans
                 files = sorted({r.source for plan in checkpoint_plans for r in plan.ranges})
-                self.store = CheckpointStore(files, direct_io=False)
+                self.store = CheckpointStore(files, checkpoint_plans, checksums=config.verify_reads)
             elif config.offload_device == "cpu":
                 self.store = CpuStore(self.plans, source, pin=transfer.pin)
             else:
                 self.store = open_nvme_store(
-                    config.nvme_path,
+                    os.path.abspath(config.nvme_path),
                     self.plans,
                     source,
                     fingerprint,
@@ -227,6 +246,7 @@ class OffloadRuntime:
                 config.chunk_bytes,
                 group,
                 map_files=config.map_files and not config.direct_io,
+                verify=config.verify_reads,
             )
             self.binding.install_placeholders()
             self.resident_bytes += self.binding.move_resident(self.device)
@@ -250,6 +270,10 @@ class OffloadRuntime:
         add_hook_to_module(model, RootHook(self, getattr(model, "_skip_keys_device_placement", None)))
         self._release_hook = add_release_on_error(model, self)
         self.guarded = guard_methods(model, f"the {config.offload_device} store and stream to {self.device}")
+        self._state_dict_hooks = StateDictHooks(
+            self, {name: self.binding.locations[name] for name in self.binding.placeholders}
+        )
+        guard_save(model, self)
         # At interpreter exit the OS and concurrent.futures' own exit handler release all of it: atexit=False.
         self._finalizer = weakref.finalize(model, _reap, self.experts, self.pipeline, self.readers, self.store)
         self._finalizer.atexit = False
@@ -306,7 +330,25 @@ class OffloadRuntime:
             module._buffers[name] = buffer
 
     def detach(self, model: nn.Module) -> None:
-        """Put every weight back where it was, bit for bit, remove the hooks and release every resource."""
+        """Put every weight back where it was, bit for bit, remove the hooks and release every resource. The store's
+        bytes are verified first: on a mismatch nothing changes (the model stays offloaded) and it raises."""
+        if self._forward_owner != threading.get_ident():  # (equal: an interrupted forward of this thread holds it)
+            self._forward_lock.acquire()  # a forward running in another thread ends first
+        try:
+            self._detach(model)
+        finally:
+            self._forward_owner = None
+            self._forward_lock.release()
+
+    def _detach(self, model: nn.Module) -> None:
+        try:
+            for plan in self.plans:
+                self.store.verify(plan)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"disable_offload did not put the weights back, the model stays offloaded (its weights are "
+                f"placeholders): {err}"
+            ) from err
         self.release_all()
         if self.experts is not None:
             self.experts.close()
@@ -318,6 +360,9 @@ class OffloadRuntime:
         if self._release_hook is not None:
             self._release_hook.remove()
         unguard_methods(model, self.guarded)
+        unguard_save(model)
+        if self._state_dict_hooks is not None:
+            self._state_dict_hooks.remove()
         self.binding.restore(named for plan in self.plans for named in assemble(plan, self.store.tensors(plan)))
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
@@ -365,7 +410,12 @@ class OffloadRuntime:
         return inverse.to(ids.device)
 
     def begin_forward(self, num_tokens: int | None = None) -> None:
-        # A forward interrupted by KeyboardInterrupt left units bound: put them back.
+        """Start a forward: wait for another thread's forward of this model to end (`finish_forward`), put back
+        what a forward interrupted by KeyboardInterrupt left bound, decide the routing."""
+        me = threading.get_ident()
+        if self._forward_owner != me:  # (equal: this thread's previous forward was interrupted and kept the lock)
+            self._forward_lock.acquire()
+            self._forward_owner = me
         self.release_all()
         self.counters.forward_passes += 1
         if self.experts is not None:
@@ -375,9 +425,37 @@ class OffloadRuntime:
                 self.counters.whole_layer_forwards += 1
 
     def end_forward(self) -> None:
-        self.pipeline.end_forward()
-        if self.experts is not None:
-            self.experts.end_forward()
+        """End a forward that returned: the pipeline and experts wrap up, the next forward is let in."""
+        try:
+            self.pipeline.end_forward()
+            if self.experts is not None:
+                self.experts.end_forward()
+        finally:
+            self.finish_forward()
+
+    def finish_forward(self) -> None:
+        """After the model's forward, returned or raised: release what it left bound and let the next forward in
+        (only the thread whose forward it was; a no-op once `end_forward` did it)."""
+        if self._forward_owner == threading.get_ident():
+            try:
+                self.release_all()
+            finally:
+                self._forward_owner = None
+                self._forward_lock.release()
+
+    # -- what saving calls ----------------------------------------------------------------------------------------
+
+    def stored_unit_of(self, name: str) -> int:
+        return self.stored_units[name]
+
+    def stored_tensors(self, unit: int) -> dict[str, torch.Tensor]:
+        """Every tensor `unit` brings, as the store holds it (views, no copy), after the store verified it."""
+        plan = self.plans[unit]
+        self.store.verify(plan)
+        return {name: param.detach() for name, param in self.binding.views_of(plan, self.store.region(plan))}
+
+    def store_files(self) -> list[str]:
+        return self.store.source_files()
 
     # -- statistics ---------------------------------------------------------------------------------------------
 

@@ -4,9 +4,14 @@
 - `NvmeStore`: one safetensors file per unit in a directory, the data starting on a 4 KiB boundary so the region can
   be read with `O_DIRECT`, plus `manifest.json` (layout, sizes, CRC32 checksums, the source's fingerprint) written
   last and atomically. A store is reused only when its manifest says it holds the same tensors from the same source
-  and every file has its recorded size and checksum; without a manifest (an interrupted write) or with another
-  source it is rebuilt.
+  and records every file's size and checksum, and every file has them; without a manifest (an interrupted write),
+  with incomplete records or with another source it is rebuilt. The directory has one owner (`ownership.py`): a
+  second model asking for it with other weights is refused, one with the same weights shares it read-only.
 - `CheckpointStore`: ranges read straight from a checkpoint's safetensors shards (no copy on disk).
+
+Files are written under unique temporary names and renamed into place, then kept read-only. Every read checks that
+the file it read is still the one opened (inode, size, modification and change times): bytes changed under the
+store are an error, never used. `verify` checks a unit's bytes against their CRC32.
 
 The layout of each unit's region is `layout.py`'s; this module only reads and writes bytes.
 """
@@ -16,20 +21,23 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..progress import progress_bar
 from . import pages
 from .layout import ALIGN, SAFETENSORS_DTYPES, ReadRange, TensorSource, TensorSpec, UnitPlan, align_up, tensor_bytes
+from .ownership import StoreLock, remove_leftovers, temporary_file
 
 
 logger = logging.get_logger(__name__)
@@ -37,6 +45,13 @@ logger = logging.get_logger(__name__)
 STORE_FORMAT = 2  # 2: experts stored expert-major
 _MAP_MERGE_GAP = 1 << 20  # map across gaps up to this size between ranges rather than map twice
 MANIFEST = "manifest.json"
+_UNIT_FILE = re.compile(r"unit_\d+\.safetensors")
+_CRC_CHUNK = 16 << 20
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What says a file is still the one the store opened: device, inode, size, modification and change times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def check_writable_dir(path: str, what: str = "nvme_path") -> None:
@@ -66,15 +81,23 @@ def weights_fingerprint(plans: list[UnitPlan], source: TensorSource) -> dict:
     return {"source": "weights", "crc32": crcs}
 
 
-def checkpoint_fingerprint(name: str, dtype: torch.dtype, files: list[str]) -> dict:
+def checkpoint_fingerprint(name: str, dtype: torch.dtype, files: list[str], progress: bool = True) -> dict:
     """The fingerprint of a store written from checkpoint shards: the checkpoint's name, the dtype, and each shard's
-    name, size and modification time."""
-    return {
-        "source": "checkpoint",
-        "name": name,
-        "dtype": str(dtype),
-        "files": [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
-    }
+    name, size and the CRC32 of its whole content (its safetensors header and every tensor), so a checkpoint
+    replaced by other weights is never served from a stale store, whatever its sizes and times say."""
+    records = []
+    total = sum(os.path.getsize(f) for f in files)
+    with progress_bar(
+        total=total, unit="B", unit_scale=True, desc="Fingerprinting the checkpoint", enabled=progress
+    ) as bar:
+        for path in files:
+            crc = 0
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(_CRC_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+                    bar.update(len(chunk))
+            records.append([os.path.basename(path), os.path.getsize(path), crc])
+    return {"source": "checkpoint", "name": name, "dtype": str(dtype), "files": records}
 
 
 def crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
@@ -99,7 +122,9 @@ class CpuStore:
         self.read_bytes = 0
         self._lock = threading.Lock()
         total = sum(plan.own_nbytes for plan in plans)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Filling the CPU store", disable=not progress) as bar:
+        with progress_bar(
+            total=total, unit="B", unit_scale=True, desc="Filling the CPU store", enabled=progress
+        ) as bar:
             for plan in plans:
                 if not plan.own_nbytes:
                     continue
@@ -123,8 +148,34 @@ class CpuStore:
         for spec, offset in plan.own:
             yield spec, arena[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
 
+    def region(self, plan: UnitPlan) -> Callable[[int, int], torch.Tensor]:
+        """`region(offset, nbytes)`: the bytes `plan`'s buffer would hold there, as a view of the arena (no copy)."""
+        return _region(plan, lambda rng: self.arenas[rng.source][rng.src_offset : rng.src_offset + rng.nbytes])
+
+    def verify(self, plan: UnitPlan) -> None:
+        """Nothing to check: the arenas are this process's private memory, written once."""
+
+    def source_files(self) -> list[str]:
+        return []
+
     def close(self) -> None:
         self.arenas.clear()
+
+
+def _region(plan: UnitPlan, view: Callable[[ReadRange], torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """A `region(offset, nbytes)` over `plan`'s buffer coordinates, each range's bytes given once by `view`."""
+    views: dict[int, torch.Tensor] = {}
+
+    def region(offset: int, nbytes: int) -> torch.Tensor:
+        for i, rng in enumerate(plan.ranges):
+            if rng.dst_offset <= offset and offset + nbytes <= rng.dst_offset + rng.nbytes:
+                if i not in views:
+                    views[i] = view(rng)
+                start = offset - rng.dst_offset
+                return views[i][start : start + nbytes]
+        raise RuntimeError(f"bytes {offset}..{offset + nbytes} of unit {plan.name} are in no single read range")
+
+    return region
 
 
 def _safetensors_header(plan: UnitPlan) -> bytes:
@@ -173,13 +224,27 @@ class MappedRun:
     data: torch.Tensor
 
 
+def _difference(now: tuple, then: tuple) -> str:
+    if now[:2] != then[:2]:
+        return "its path now names another file"
+    if now[2] != then[2]:
+        return f"its size changed from {then[2]} to {now[2]} bytes"
+    return "its modification or change time moved"
+
+
 class _FileStore:
-    """Reads `ReadRange`s from files with `pread` (from I/O threads; `os.preadv` releases the GIL)."""
+    """Reads `ReadRange`s from files with `pread` (from I/O threads; `os.preadv` releases the GIL).
+
+    Every file's identity (`file_identity`) is recorded when the store opens it; each read, each page mapping and
+    each verification checks the file is still that one, so bytes changed under the store (another process
+    writing, the file replaced) are an error before they are used.
+    """
 
     name = "nvme"
     pinned = False
     in_memory = False
     mappable = True  # `map_runs`: pages mapped from the page cache instead of read into buffers
+    follow_links = False  # the store's own files are never links; checkpoint shards may be (the Hub cache)
 
     def __init__(self, path: str, paths: dict[str, str], data_start: dict[str, int], direct_io: bool):
         self.path = path
@@ -190,6 +255,44 @@ class _FileStore:
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int] = {}
+        self._identity: dict[str, tuple] = {}
+
+    # -- identity -------------------------------------------------------------------------------------------------
+
+    def _record_identities(self) -> None:
+        for key, path in self._paths.items():
+            try:
+                st = os.stat(path, follow_symlinks=self.follow_links)
+            except OSError as err:
+                raise RuntimeError(f"store file {path} cannot be opened: {err.strerror}") from err
+            if not stat.S_ISREG(st.st_mode):
+                raise RuntimeError(f"store file {path} is not a regular file (a link or a device): refusing to read it")
+            self._identity[key] = file_identity(st)
+
+    def _changed(self, key: str, why: str) -> RuntimeError:
+        return RuntimeError(
+            f"{self._describe(key)} {self._paths[key]} changed after it was opened ({why}): another process wrote "
+            f"or replaced it; its bytes are not used. {self._advice()}"
+        )
+
+    def _describe(self, key: str) -> str:
+        return "NVMe store file"
+
+    def _advice(self) -> str:
+        return f"Delete {self.path} to rebuild the store (nothing else may write in it while a model uses it)"
+
+    def check_identity(self, key: str, fd: int | None = None) -> None:
+        """Raise when the file of `key` is not the one the store opened (by its open descriptor and by its path)."""
+        expected = self._identity[key]
+        now = file_identity(os.fstat(self._fd(key, False) if fd is None else fd))
+        if now != expected:
+            raise self._changed(key, _difference(now, expected))
+        try:
+            at_path = os.stat(self._paths[key], follow_symlinks=self.follow_links)
+        except OSError as err:
+            raise self._changed(key, f"{err.strerror}") from err
+        if (at_path.st_dev, at_path.st_ino) != expected[:2]:
+            raise self._changed(key, "its path now names another file")
 
     # -- reading --------------------------------------------------------------------------------------------------
 
@@ -200,7 +303,9 @@ class _FileStore:
             with self._lock:
                 fd = table.get(key)
                 if fd is None:
-                    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+                    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+                    if not self.follow_links:
+                        flags |= os.O_NOFOLLOW
                     try:
                         fd = os.open(self._paths[key], flags)
                     except OSError as err:
@@ -208,7 +313,11 @@ class _FileStore:
                             logger.warning(f"{self.path} refuses O_DIRECT: reading through the page cache")
                             self.direct_io = False
                             return self._fd(key, False)
-                        raise RuntimeError(f"cannot open NVMe store file {self._paths[key]}: {err.strerror}") from err
+                        raise RuntimeError(f"cannot open store file {self._paths[key]}: {err.strerror}") from err
+                    now = file_identity(os.fstat(fd))
+                    if now != self._identity[key]:
+                        os.close(fd)
+                        raise self._changed(key, _difference(now, self._identity[key]))
                     table[key] = fd
         return fd
 
@@ -229,13 +338,14 @@ class _FileStore:
                 if direct and err.errno == errno.EINVAL:  # e.g. an unaligned buffer: retry through the page cache
                     direct, view = False, view[:want]
                     continue
-                raise RuntimeError(f"reading NVMe store file {self._paths[rng.source]} failed: {err.strerror}") from err
+                raise RuntimeError(f"reading store file {self._paths[rng.source]} failed: {err.strerror}") from err
             if got == 0:
                 raise RuntimeError(
-                    f"NVMe store file {self._paths[rng.source]} is truncated: byte {src + done} is past its end; "
-                    f"delete {self.path} to rebuild the store"
+                    f"store file {self._paths[rng.source]} is truncated: byte {src + done} is past its end; "
+                    f"{self._advice()}"
                 )
             done += got
+        self.check_identity(rng.source)  # after the read: the bytes read came from the file as opened
         with self._lock:
             self.read_bytes += want
 
@@ -271,12 +381,7 @@ class _FileStore:
 
     def populate_run(self, run: MappedRun) -> None:
         """Map the pages of a run now (zero-copy from the page cache; read from the disk first when not there)."""
-        if os.fstat(self._fd(run.source, False)).st_size < run.end:
-            raise RuntimeError(
-                f"NVMe store file {self._paths[run.source]} is truncated: byte {run.end - 1} is past its end; delete "
-                f"{self.path} to rebuild the store"
-            )
-        self.populate(run.data)
+        self.populate(run.data, run.source)
 
     def map_lazily(self, rng: ReadRange) -> torch.Tensor:
         """`rng` as a uint8 tensor over a private mapping of its file, no page mapped yet (`populate` and
@@ -286,14 +391,15 @@ class _FileStore:
         fd = self._fd(rng.source, False)
         if os.fstat(fd).st_size < start + rng.nbytes:
             raise RuntimeError(
-                f"NVMe store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; delete "
-                f"{self.path} to rebuild the store"
+                f"store file {path} is truncated: byte {start + rng.nbytes - 1} is past its end; {self._advice()}"
             )
+        self.check_identity(rng.source, fd)
         return pages.map_file(fd, start, rng.nbytes)
 
-    def populate(self, data: torch.Tensor) -> None:
-        """Map the pages under `data` (a view of a mapping of this store) now, counted as read."""
+    def populate(self, data: torch.Tensor, source: str) -> None:
+        """Map the pages under `data` (a view of a mapping of the file of `source`) now, counted as read."""
         pages.populate(data)
+        self.check_identity(source)  # after mapping: the pages mapped came from the file as opened
         with self._lock:
             self.read_bytes += data.numel()
 
@@ -304,6 +410,25 @@ class _FileStore:
             self.read(rng, buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
         for spec, offset in plan.own:
             yield spec, buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+    def region(self, plan: UnitPlan) -> Callable[[int, int], torch.Tensor]:
+        """`region(offset, nbytes)`: the bytes `plan`'s buffer would hold there, as views of private mappings of
+        the files (no copy: pages come from the page cache when read)."""
+        return _region(plan, self.map_lazily)
+
+    def _crc(self, key: str, start: int, nbytes: int, crc: int = 0) -> int:
+        fd = self._fd(key, False)
+        end = start + nbytes
+        while start < end:
+            chunk = os.pread(fd, min(_CRC_CHUNK, end - start), start)
+            if not chunk:
+                raise RuntimeError(f"store file {self._paths[key]} is truncated: byte {start} is past its end")
+            crc = zlib.crc32(chunk, crc)
+            start += len(chunk)
+        return crc
+
+    def source_files(self) -> list[str]:
+        return list(self._paths.values())
 
     def close(self) -> None:
         for table in (self._fds, self._direct_fds):
@@ -328,9 +453,10 @@ class NvmeStore(_FileStore):
         progress: bool = True,
     ):
         """`writer=False` only opens a store another process writes (several processes share one directory)."""
+        path = os.path.abspath(path)
         paths = {plan.key: os.path.join(path, f"{plan.key}.safetensors") for plan in plans if plan.own_nbytes}
         super().__init__(path, paths, {}, direct_io)
-        manifest = {
+        self.manifest = {
             "format": STORE_FORMAT,
             "fingerprint": fingerprint,
             "units": [
@@ -343,68 +469,120 @@ class NvmeStore(_FileStore):
                 if plan.own_nbytes
             ],
         }
-        if writer:
-            check_writable_dir(self.path)
+        check_writable_dir(self.path)
+        self.lock = StoreLock(self.path)
+        try:
+            self._open(plans, source, verify, writer, progress)
+            self._record_identities()
+            for key, file_path in self._paths.items():
+                self._data_start[key] = read_safetensors_header(file_path)[0]
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, plans: list[UnitPlan], source: TensorSource | None, verify: bool, writer: bool, progress: bool):
+        if writer and self.lock.try_exclusive():
+            removed = remove_leftovers(self.path)
+            if removed:
+                logger.info(f"Removed what an interrupted writer left in {self.path}: {', '.join(removed)}")
             existing = self._load_manifest()
-            if existing is not None and self._same_layout(existing, manifest):
-                logger.info(f"Reusing the NVMe store in {path}")
+            if existing is not None and self._same_layout(existing):
+                logger.info(f"Reusing the NVMe store in {self.path}")
                 self._check(existing, verify, progress)
             else:
                 if existing is not None:
-                    logger.warning(f"The NVMe store in {path} holds other weights (stale): rebuilding it")
+                    logger.warning(f"The NVMe store in {self.path} holds other weights (stale): rebuilding it")
                 if source is None:
-                    raise RuntimeError(f"no valid NVMe store in {path} and no weights to write one from")
-                self._write(plans, source, manifest, progress)
-        else:
-            existing = self._load_manifest()
-            if existing is None or not self._same_layout(existing, manifest):
-                raise RuntimeError(f"no valid NVMe store for this model in {path} (was it written by another process?)")
-            self._check(existing, verify, progress)
-        for key, file_path in self._paths.items():
-            if key not in self._data_start:
-                self._data_start[key] = read_safetensors_header(file_path)[0]
+                    raise RuntimeError(f"no valid NVMe store in {self.path} and no weights to write one from")
+                self._write(plans, source, progress)
+            self.lock.record_owner(f"{len(self._paths)} unit files")
+            self.lock.shared()  # from now on other models of the same weights may read it too
+            return
+        # another model holds the directory (or this process reads what another rank wrote): wait for a writer to
+        # finish, then read the store only if it holds these weights
+        owner = self.lock.owner()
+        self.lock.shared(wait=True)
+        existing = self._load_manifest()
+        if existing is None or not self._same_layout(existing):
+            if not writer:
+                raise RuntimeError(
+                    f"no valid NVMe store for this model in {self.path} (was it written by another process?)"
+                )
+            raise RuntimeError(
+                f"nvme_path ({self.path}) is in use by another offloaded model ({owner}) holding other weights: a "
+                f"store has one owner. Use another nvme_path, or disable_offload the other model first"
+            )
+        self._check(existing, verify, progress)
 
     # -- building -------------------------------------------------------------------------------------------------
 
     def _load_manifest(self) -> dict | None:
+        manifest_path = os.path.join(self.path, MANIFEST)
         try:
-            with open(os.path.join(self.path, MANIFEST)) as f:
-                return json.load(f)
+            fd = os.open(manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as err:
-            logger.warning(f"Ignoring the unreadable store manifest in {self.path}: {err}")
+        except OSError as err:
+            logger.warning(f"Ignoring the unreadable store manifest {manifest_path}: {err.strerror}")
             return None
+        try:
+            with os.fdopen(fd) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            logger.warning(f"Ignoring the unreadable store manifest {manifest_path}: {err}")
+            return None
+        if not isinstance(manifest, dict):
+            logger.warning(f"Ignoring the store manifest {manifest_path}: not a JSON object")
+            return None
+        return manifest
 
-    @staticmethod
-    def _same_layout(existing: dict, manifest: dict) -> bool:
-        return all(existing.get(k) == manifest[k] for k in ("format", "fingerprint", "units"))
+    def _complete(self, manifest: dict) -> bool:
+        """Whether the manifest records the size and the checksum of every unit file."""
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            return False
+        for key in self._paths:
+            entry = files.get(key)
+            if not isinstance(entry, dict):
+                return False
+            if not all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("size", "crc32")):
+                return False
+        return True
+
+    def _same_layout(self, existing: dict) -> bool:
+        same = all(existing.get(k) == self.manifest[k] for k in ("format", "fingerprint", "units"))
+        if same and not self._complete(existing):
+            logger.warning(f"The NVMe store manifest in {self.path} does not record every file's size and checksum")
+            return False
+        return same
 
     def _check(self, manifest: dict, verify: bool, progress: bool) -> None:
-        files = manifest.get("files", {})
+        files = manifest["files"]
+        self.manifest["files"] = files
         for key, file_path in self._paths.items():
-            if key not in files:
-                continue
-            expected = files[key]
             try:
-                size = os.path.getsize(file_path)
+                st = os.stat(file_path, follow_symlinks=False)
             except OSError as err:
                 raise RuntimeError(f"NVMe store file {file_path} is missing: delete {self.path} to rebuild") from err
-            if size != expected["size"]:
+            if not stat.S_ISREG(st.st_mode):
                 raise RuntimeError(
-                    f"NVMe store file {file_path} has {size} bytes, its manifest says {expected['size']}: the file is "
-                    f"truncated or was changed; delete {self.path} to rebuild the store"
+                    f"NVMe store file {file_path} is not a regular file (a link?): delete {self.path} to rebuild"
+                )
+            if st.st_size != files[key]["size"]:
+                raise RuntimeError(
+                    f"NVMe store file {file_path} has {st.st_size} bytes, its manifest says {files[key]['size']}: the "
+                    f"file is truncated or was changed; delete {self.path} to rebuild the store"
                 )
         if not verify:
             return
-        total = sum(files[k]["size"] for k in self._paths if k in files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying the NVMe store", disable=not progress) as bar:
+        total = sum(files[k]["size"] for k in self._paths)
+        with progress_bar(
+            total=total, unit="B", unit_scale=True, desc="Verifying the NVMe store", enabled=progress
+        ) as bar:
             for key, file_path in self._paths.items():
-                if key not in files:
-                    continue
                 crc = 0
                 with open(file_path, "rb", buffering=0) as f:
-                    while chunk := f.read(64 << 20):
+                    while chunk := f.read(_CRC_CHUNK):
                         crc = zlib.crc32(chunk, crc)
                         bar.update(len(chunk))
                 if crc != files[key]["crc32"]:
@@ -413,10 +591,16 @@ class NvmeStore(_FileStore):
                         f"{files[key]['crc32']:08x}): the file is corrupted; delete {self.path} to rebuild the store"
                     )
 
-    def _write(self, plans: list[UnitPlan], source: TensorSource, manifest: dict, progress: bool) -> None:
+    def _remove_unit_files(self) -> None:
+        for entry in os.scandir(self.path):
+            if _UNIT_FILE.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+
+    def _write(self, plans: list[UnitPlan], source: TensorSource, progress: bool) -> None:
         manifest_path = os.path.join(self.path, MANIFEST)
-        if os.path.exists(manifest_path):
+        if os.path.lexists(manifest_path):
             os.remove(manifest_path)  # from here on the directory holds no valid store until the new manifest lands
+        self._remove_unit_files()  # the old store's files, including those the new one has no use for
         needed = sum(len(_safetensors_header(p)) + p.own_nbytes for p in plans if p.own_nbytes)
         free = shutil.disk_usage(self.path).free
         if needed > free:
@@ -424,69 +608,162 @@ class NvmeStore(_FileStore):
                 f"the NVMe store needs {needed / 2**30:.2f} GiB but {self.path} has {free / 2**30:.2f} GiB free"
             )
         files = {}
-        with tqdm(total=needed, unit="B", unit_scale=True, desc="Writing the NVMe store", disable=not progress) as bar:
-            for plan in plans:
-                if not plan.own_nbytes:
-                    continue
-                final = self._paths[plan.key]
-                tmp = final + ".tmp"
-                try:
-                    header = _safetensors_header(plan)
-                    crc = 0
-                    with open(tmp, "wb") as f:
-                        f.write(header)
-                        bar.update(len(header))
-                        crc = zlib.crc32(header, crc)
-                        end = 0
-                        for (spec, offset), tensor in zip(plan.own, source(plan), strict=True):
-                            if offset > end:
-                                pad = bytes(offset - end)
-                                f.write(pad)
-                                crc = zlib.crc32(pad, crc)
-                            end = offset + spec.nbytes
-                            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                                raise RuntimeError(
-                                    f"{spec.name}: the source gave {tuple(tensor.shape)} {tensor.dtype}, "
-                                    f"the store expects {spec.shape} {spec.dtype}"
-                                )
-                            data = tensor_bytes(tensor.cpu())
-                            f.write(memoryview(data.numpy()))
-                            crc = crc32_tensor(data, crc)
-                            bar.update(data.numel())
-                        if plan.own_nbytes > end:
-                            pad = bytes(plan.own_nbytes - end)
-                            f.write(pad)
-                            crc = zlib.crc32(pad, crc)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, final)
-                except OSError as err:
-                    _remove_quietly(tmp)
-                    hint = " (out of space)" if err.errno == errno.ENOSPC else ""
-                    raise RuntimeError(f"writing the NVMe store file {tmp} failed{hint}: {err.strerror}") from err
-                except BaseException:
-                    _remove_quietly(tmp)
-                    raise
-                files[plan.key] = {"size": os.path.getsize(final), "crc32": crc}
-        manifest = dict(manifest, files=files)
-        tmp = manifest_path + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(manifest, f)
+            with progress_bar(
+                total=needed, unit="B", unit_scale=True, desc="Writing the NVMe store", enabled=progress
+            ) as bar:
+                for plan in plans:
+                    if plan.own_nbytes:
+                        files[plan.key] = self._write_unit(plan, source, bar)
+            self.manifest["files"] = files
+            data = json.dumps(self.manifest).encode()
+            self._write_file(MANIFEST, [data])
+        except BaseException:
+            self._remove_unit_files()  # a store without its manifest is of no use: give the space back
+            raise
+        _sync_directory(self.path)
+
+    def _write_unit(self, plan: UnitPlan, source: TensorSource, bar) -> dict:
+        header = _safetensors_header(plan)
+        crc = zlib.crc32(header)
+
+        def pieces() -> Iterator:
+            nonlocal crc
+            yield header
+            end = 0
+            for (spec, offset), tensor in zip(plan.own, source(plan), strict=True):
+                if offset > end:
+                    pad = bytes(offset - end)
+                    crc = zlib.crc32(pad, crc)
+                    yield pad
+                end = offset + spec.nbytes
+                if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                    raise RuntimeError(
+                        f"{spec.name}: the source gave {tuple(tensor.shape)} {tensor.dtype}, the store expects "
+                        f"{spec.shape} {spec.dtype}"
+                    )
+                data = tensor_bytes(tensor.cpu())
+                crc = crc32_tensor(data, crc)
+                yield memoryview(data.numpy())
+            if plan.own_nbytes > end:
+                pad = bytes(plan.own_nbytes - end)
+                crc = zlib.crc32(pad, crc)
+                yield pad
+
+        size = self._write_file(os.path.basename(self._paths[plan.key]), pieces(), bar)
+        return {"size": size, "crc32": crc}
+
+    def _write_file(self, name: str, pieces, bar=None) -> int:
+        """Write `pieces` to `name` in the store directory: into a new file with a unique name (created exclusively,
+        no link followed), made read-only, synced, then renamed over `name`. Returns its size."""
+        final = os.path.join(self.path, name)
+        fd, tmp = temporary_file(self.path, name)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+                    nbytes = piece.nbytes if isinstance(piece, memoryview) else len(piece)
+                    size += nbytes
+                    if bar is not None:
+                        bar.update(nbytes)
                 f.flush()
+                os.fchmod(f.fileno(), 0o444)  # the store's files are never written again: read-only
                 os.fsync(f.fileno())
-            os.replace(tmp, manifest_path)
+            os.replace(tmp, final)  # replaces a link planted at `final`, never writes through it
         except OSError as err:
             _remove_quietly(tmp)
-            raise RuntimeError(f"writing the NVMe store manifest {manifest_path} failed: {err.strerror}") from err
+            hint = " (out of space)" if err.errno == errno.ENOSPC else ""
+            raise RuntimeError(f"writing the NVMe store file {final} failed{hint}: {err.strerror}") from err
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        return size
+
+    def verify(self, plan: UnitPlan) -> None:
+        """Check the CRC32 of every store file `plan` reads (its own unit's file, and the files of tied tensors it
+        borrows) against the manifest."""
+        for key in sorted({rng.source for rng in plan.ranges}):
+            expected = self.manifest["files"][key]["crc32"]
+            crc = self._crc(key, 0, self.manifest["files"][key]["size"])
+            self.check_identity(key)
+            if crc != expected:
+                raise RuntimeError(
+                    f"NVMe store file {self._paths[key]} fails its checksum (crc32 {crc:08x}, manifest "
+                    f"{expected:08x}): its bytes changed (a bad page, or another process wrote it) and are not used; "
+                    f"delete {self.path} to rebuild the store"
+                )
+
+    def close(self) -> None:
+        super().close()
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.close()
 
 
 class CheckpointStore(_FileStore):
-    """Ranges read straight from a checkpoint's safetensors shards (`ReadRange.source` is the shard's path)."""
+    """Ranges read straight from a checkpoint's safetensors shards (`ReadRange.source` is the shard's path).
 
-    def __init__(self, files: list[str], direct_io: bool = False):
+    The shards are the user's: only their identities are checked on each read. With `checksums`, the CRC32 of each
+    unit's ranges is computed when the store opens (one read of the checkpoint) and `verify` compares with it."""
+
+    follow_links = True  # the Hub cache's snapshot files are links to its blobs
+
+    def __init__(self, files: list[str], plans: list[UnitPlan], checksums: bool = False, progress: bool = True):
         paths = {path: path for path in files}
-        super().__init__(os.path.dirname(files[0]) if files else "", paths, dict.fromkeys(files, 0), direct_io)
+        super().__init__(os.path.dirname(files[0]) if files else "", paths, dict.fromkeys(files, 0), False)
+        self._record_identities()
+        self.checksums: dict[str, int] = {}
+        if checksums:
+            total = sum(plan.nbytes for plan in plans)
+            with progress_bar(
+                total=total, unit="B", unit_scale=True, desc="Checksumming the checkpoint", enabled=progress
+            ) as bar:
+                for plan in plans:
+                    self.checksums[plan.key] = self._ranges_crc(plan)
+                    bar.update(plan.nbytes)
+
+    def _describe(self, key: str) -> str:
+        return "checkpoint shard"
+
+    def _advice(self) -> str:
+        return "Load the model again (load_offloaded) once the checkpoint is complete"
+
+    def _ranges_crc(self, plan: UnitPlan) -> int:
+        crc = 0
+        for rng in plan.ranges:
+            crc = self._crc(rng.source, rng.src_offset, rng.nbytes, crc)
+        return crc
+
+    def verify(self, plan: UnitPlan) -> None:
+        """Check the identity of every shard `plan` reads, and, when checksums were taken at open, its bytes."""
+        sources = sorted({rng.source for rng in plan.ranges})
+        for source in sources:
+            self.check_identity(source)
+        expected = self.checksums.get(plan.key)
+        if expected is not None:
+            crc = self._ranges_crc(plan)
+            for source in sources:
+                self.check_identity(source)
+            if crc != expected:
+                raise RuntimeError(
+                    f"the bytes of unit {plan.name} in the checkpoint shards {', '.join(sources)} changed since the "
+                    f"store opened them (crc32 {crc:08x}, was {expected:08x}) and are not used; {self._advice()}"
+                )
+
+
+def _sync_directory(path: str) -> None:
+    """Make the renames in `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the renames are still atomic
+    finally:
+        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:
