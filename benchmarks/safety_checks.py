@@ -1,6 +1,7 @@
 """What the store's safety checks cost on the offloaded decode step, and what saving from the store costs.
 
-Part 1, in one process, alternating (variant order rotated every repeat): GPT-2 medium shaped (355m, float32, random
+Part 1, in one process, alternating (variant order rotated every repeat; `checks` and `no-checks` on one loaded
+model, so only the checks differ): GPT-2 medium shaped (355m, float32, random
 weights) loaded with `load_offloaded` on the CPU execution device, NVMe store, prefetch_depth 1, 10 new tokens after
 a 4-token prompt, batch 1; per variant the median and min-max of --repeats runs of the generation phase (time per
 decoded step):
@@ -9,11 +10,11 @@ decoded step):
   verify-reads  `OffloadConfig(verify_reads=True)`: a CRC32 of each unit's files before each fetch
 for two read paths: `mapped` (the CPU default: checkpoint shards read in place, pages mapped) and `store-copy` (the
 store's own unit files, copied into slot buffers by the readers, as the CUDA path reads). The identity checks per step
-are counted, and one check is timed alone (a million calls) for a second, noise-free estimate.
+are counted, and one check is timed alone (200,000 calls) for a second, noise-free estimate.
 
-Part 2, each in its own process (peak RSS is its own): the whole store checked (`store.verify` of every unit, what
-`disable_offload` and saving do before bytes leave the store), `save_pretrained` of the offloaded model (seconds,
-peak RSS) beside the peak RSS of generating.
+Part 2, each in its own process (peak RSS is its own: VmHWM): the whole store checked (`store.verify` of every
+unit, what `disable_offload` and saving do before bytes leave the store), `save_pretrained` of the offloaded model
+(seconds, peak RSS) beside the peak RSS of generating.
 
     python benchmarks/safety_checks.py --repeats 5
 """
@@ -91,20 +92,23 @@ def part1(args) -> list[dict]:
     for read_path in ("mapped", "store-copy"):
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         per_step_calls = {}
+        # checks and no-checks alternate on one loaded model (only the check differs); verify-reads needs its own
+        models = {False: load(args, path, read_path, verify_reads=False), True: load(args, path, read_path, True)}
+        for model in models.values():
+            decode_seconds_per_step(model, 3)  # warm-up: pages in the cache, slots allocated
         for repeat in range(args.repeats):
             order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]
             for variant in order:
                 store_module._FileStore.check_identity = skipped if variant == "no-checks" else counted
                 try:
-                    model = load(args, path, read_path, verify_reads=variant == "verify-reads")
-                    decode_seconds_per_step(model, 3)  # warm-up: pages in the cache, slots allocated
                     calls[0] = 0
-                    seconds = decode_seconds_per_step(model, args.new_tokens)
+                    seconds = decode_seconds_per_step(models[variant == "verify-reads"], args.new_tokens)
                     per_step_calls[variant] = calls[0] / (args.new_tokens - 1)
                     times[variant].append(seconds)
-                    disable_offload(model)
                 finally:
                     store_module._FileStore.check_identity = real_check
+        for model in models.values():
+            disable_offload(model)
         # one identity check alone
         model = load(args, path, read_path, verify_reads=False)
         store = model._hf_moe_offload_state.store
@@ -134,6 +138,15 @@ def part1(args) -> list[dict]:
     return results
 
 
+def peak_rss_gb() -> float:
+    """This process's own peak resident set (VmHWM; `ru_maxrss` would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def part2_child(args) -> None:
     from hf_moe_offload import disable_offload
 
@@ -152,7 +165,7 @@ def part2_child(args) -> None:
             model.save_pretrained(tmp)
             row["saved_gb"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 1e9
     row["seconds"] = time.perf_counter() - start
-    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row["peak_rss_gb"] = peak_rss_gb()
     disable_offload(model)
     print("RESULT " + json.dumps(row), flush=True)
 

@@ -119,6 +119,21 @@ class _Reaper:
 _reap = _Reaper()
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a view of a unit's region, strided for fused experts) over the same memory but with a storage of its
+    own, no copy: transformers' `save_pretrained` clones tensors that share a storage without being the same
+    (safetensors allows no aliasing), which for views of one region would copy the whole model at once, and it cannot
+    handle strided views that share one."""
+    as_int = _SAME_SIZE_INT.get(tensor.element_size())
+    if as_int is None or tensor.device.type != "cpu":
+        return tensor
+    shared = tensor.view(as_int).numpy()  # a (strided) view of the same memory, keeping the region alive
+    return torch.from_numpy(shared).view(tensor.dtype)
+
+
 class OffloadRuntime:
     """Everything `enable_offload` changed on a model, the resources serving it, and how to undo it.
 
@@ -452,7 +467,7 @@ class OffloadRuntime:
         """Every tensor `unit` brings, as the store holds it (views, no copy), after the store verified it."""
         plan = self.plans[unit]
         self.store.verify(plan)
-        return {name: param.detach() for name, param in self.binding.views_of(plan, self.store.region(plan))}
+        return {name: _own_storage(p.detach()) for name, p in self.binding.views_of(plan, self.store.region(plan))}
 
     def store_files(self) -> list[str]:
         return self.store.source_files()

@@ -8,9 +8,12 @@ copy; pages come from the page cache as the writer reads them), after the store 
 The entries are the same whether a unit is bound to a slot at that moment or not, so a `state_dict()` taken while
 another thread runs a forward is still the store's weights.
 
-`save_pretrained` is transformers' own (shards, tied weights, index, config, custom code), fed by that state dict; it
-is only wrapped to refuse a directory holding checkpoint shards the store reads in place (saving there would
-truncate the files the model reads its weights from).
+`save_pretrained` is transformers' own (shards, tied weights, index, config, custom code), fed by that state dict. It
+is wrapped to refuse a directory holding checkpoint shards the store reads in place (saving there would truncate the
+files the model reads its weights from), and to write shards of at most `SAVE_SHARD_SIZE` unless `max_shard_size` is
+given: transformers writes a shard from the tensors' memory at once, so the pages of one shard (mapped from the store
+files, or the contiguous copies of a MoE layer's fused experts) are what a save holds; the whole model in one 50 GB
+default shard would be all of it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+
+SAVE_SHARD_SIZE = "1GB"
 
 
 class Runtime(Protocol):
@@ -44,8 +50,10 @@ class StateDictHooks:
     def __init__(self, runtime: Runtime, locations: dict[str, list[tuple[nn.Module, str]]]):
         # weakly: the modules hold these hooks, and what closes a garbage-collected model's resources holds modules
         self._runtime = weakref.ref(runtime)
-        # the tensors handed out, kept only as long as some state dict holds them: one store read per unit and call
+        # the tensors handed out, kept only as long as some state dict holds them, and the last unit's (its modules
+        # come one after another): one verified read of each unit per state_dict call
         self._given: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+        self._last: dict[str, torch.Tensor] = {}
         by_module: dict[nn.Module, dict[str, str]] = {}
         for name, places in locations.items():
             for module, attr in places:
@@ -56,7 +64,9 @@ class StateDictHooks:
         ]
 
     def _tensor(self, name: str) -> torch.Tensor:
-        tensor = self._given.get(name)
+        tensor = self._last.get(name)
+        if tensor is None:
+            tensor = self._given.get(name)
         if tensor is None:
             runtime = self._runtime()
             if runtime is None:
@@ -64,6 +74,7 @@ class StateDictHooks:
             tensors = runtime.stored_tensors(runtime.stored_unit_of(name))
             for other, value in tensors.items():
                 self._given[other] = value
+            self._last = tensors
             tensor = tensors[name]
         return tensor
 
@@ -74,6 +85,7 @@ class StateDictHooks:
                 state_dict[key] = self._tensor(name)
 
     def remove(self) -> None:
+        self._last = {}
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -89,6 +101,8 @@ def guard_save(model: nn.Module, runtime: Runtime) -> None:
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
         check_save_target(os.fspath(save_directory), runtime.store_files())
+        if not args:  # (max_shard_size is keyword-only in practice; a positional call keeps transformers' default)
+            kwargs.setdefault("max_shard_size", SAVE_SHARD_SIZE)
         return original(model, save_directory, *args, **kwargs)
 
     model.save_pretrained = save_pretrained
