@@ -57,3 +57,82 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+FAILING_RANK = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from hf_moe_offload import OffloadConfig, enable_offload
+from hf_moe_offload.offload import store as store_module
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = AutoModelForCausalLM.from_pretrained({ckpt!r}).eval()
+config = OffloadConfig(offload_device="nvme", nvme_path={store!r}, prefetch_depth=1)
+where = {where!r}
+if where == "open" and rank == 0:
+    class Refused(store_module.NvmeStore):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("injected: rank 0 cannot open the store")
+    store_module.NvmeStore = Refused
+start = time.monotonic()
+try:
+    enable_offload(model, config)
+    if where == "read" and rank == 1:
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected: rank 1 cannot read")
+        model._hf_moe_offload_state.store.read = broken
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    message = "no error"
+except RuntimeError as err:
+    message = str(err)
+with open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w") as f:
+    f.write(f"{{time.monotonic() - start:.1f}} {{message}}")
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_one_rank_failing_raises_on_every_rank_without_a_hang(where, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "failing_rank.py"
+    script.write_text(
+        FAILING_RANK.format(ckpt=str(tmp_path / "ckpt"), store=str(tmp_path / "store"), where=where, out=str(tmp_path))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(  # a hang would end in the timeout (gloo's own is 30 minutes)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    failing = 0 if where == "open" else 1
+    messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert "injected" in messages[failing], messages
+    other = messages[1 - failing]
+    assert f"failed on rank {failing} (its own error says why); this rank stops too" in other, messages
+    assert float(other.split()[0]) < 60, messages  # within seconds, not a backend timeout
+
+
+def test_the_execution_device_under_torchrun_is_the_local_ranks_gpu(monkeypatch):
+    from hf_moe_offload import OffloadConfig
+    from hf_moe_offload.offload.config import resolve_execution_device
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_execution_device(OffloadConfig()) == torch.device("cuda", 2)
+    assert resolve_execution_device(OffloadConfig(execution_device="cuda")) == torch.device("cuda", 2)
+    assert resolve_execution_device(OffloadConfig(execution_device="cuda:1")) == torch.device("cuda", 1)  # explicit
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK \(7\) names no CUDA device: this machine has 4"):
+        resolve_execution_device(OffloadConfig())
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_execution_device(OffloadConfig()) == torch.device("cuda", 0)

@@ -29,9 +29,9 @@ class OffloadConfig:
         nvme_path: directory of the NVMe store (required for `"nvme"`). A valid store already there for the same weights
             is reused; an incomplete or stale one is rebuilt.
         execution_device: where the model computes (`"cpu"`, `"cuda:0"`, `0`, a `torch.device`). Default (`None`):
-            the current CUDA device when there is one, else the CPU, decided when offloading starts (`enable_offload`,
-            `load_offloaded`), not when the config is built; `"cuda"` without an index also means the current device
-            then.
+            this process's CUDA device when there is one (under `torchrun`, the `LOCAL_RANK`'s GPU; else the current
+            device), else the CPU, decided when offloading starts (`enable_offload`, `load_offloaded`), not when the
+            config is built; `"cuda"` without an index also means this process's device then.
         prefetch_depth: how many units are fetched ahead of the one computing. 0 fetches on demand (no overlap); at most
             `prefetch_depth + 1` units are resident on the execution device at any time.
         pin_memory: page-lock the CPU store and the NVMe staging buffers (CUDA only; ignored on the CPU device).
@@ -284,12 +284,28 @@ def _parse_device(device: str | int | torch.device | None) -> torch.device | Non
     return parsed
 
 
+def _default_cuda_device() -> torch.device:
+    """The GPU of this process: under `torchrun` (`LOCAL_RANK` set) the local rank's, else the current device (so
+    that several ranks on one machine never all compute on GPU 0)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit():
+        index = int(local_rank)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK ({index}) names no CUDA device: this machine has {torch.cuda.device_count()}; set "
+                f"execution_device explicitly"
+            )
+        return torch.device("cuda", index)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def resolve_execution_device(config: OffloadConfig) -> torch.device:
-    """The device `config` computes on, decided now: its `execution_device`, or the current CUDA device when there
-    is one, else the CPU; a CUDA device without an index is the current one."""
+    """The device `config` computes on, decided now: its `execution_device`, or this process's CUDA device when
+    there is one (the local rank's under `torchrun`, else the current one), else the CPU; a CUDA device without an
+    index is this process's too."""
     device = config.execution_device
     if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return _default_cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
@@ -297,7 +313,7 @@ def resolve_execution_device(config: OffloadConfig) -> torch.device:
                 f"this machine; use execution_device='cpu'"
             )
         if device.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
+            return _default_cuda_device()
         if device.index >= torch.cuda.device_count():
             raise ValueError(
                 f"execution_device ({device}) does not exist: this machine has {torch.cuda.device_count()} CUDA "

@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExec
 import torch
 
 from . import pages
+from .collective import flag_device, raise_together
 from .layout import UnitPlan, align_up
 from .stats import OffloadStats
 from .transfer import Transfer
@@ -103,6 +104,7 @@ class FetchPipeline:
         self.group = group
         self.world = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
+        self._flags = flag_device(group, self.device) if group is not None else None
         # Each process reads an aligned 1/world share; the slot holds every share.
         every = plans + [p.dense for p in plans if p.dense is not None]
         self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
@@ -157,6 +159,19 @@ class FetchPipeline:
                 if f.exception() is not None:
                     raise f.exception()
 
+    def _read_share(self, plan: UnitPlan, host: torch.Tensor) -> None:
+        """This rank's share of `plan`; with several ranks a read that failed on any of them raises on all, before
+        the all-gather the others would wait in."""
+        if self.world == 1:
+            self._read_ranges(plan, host)
+            return
+        error = None
+        try:
+            self._read_ranges(plan, host)
+        except Exception as err:  # raised on every rank just below
+            error = err
+        raise_together(self.group, error, self._flags, f"reading unit {plan.name}")
+
     def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
         share = self._share[id(plan)]
         mine = buffer[self.rank * share : (self.rank + 1) * share].clone()
@@ -179,7 +194,7 @@ class FetchPipeline:
             slot.runs, slot.mapped = entry
             return
         if self.device.type == "cpu":
-            self._read_ranges(plan, slot.buffer)
+            self._read_share(plan, slot.buffer)
             if self.world > 1:
                 self._all_gather(slot.buffer, plan)
             return
@@ -190,7 +205,7 @@ class FetchPipeline:
                     self.store.read(rng, slot.buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
             else:
                 self.transfer.host_waits(slot.ready_event)  # the staging buffer's previous copy is done
-                self._read_ranges(plan, slot.staging)
+                self._read_share(plan, slot.staging)
                 slot.buffer[:nbytes].copy_(slot.staging[:nbytes], non_blocking=True)
                 if self.world > 1:
                     self._all_gather(slot.buffer, plan)

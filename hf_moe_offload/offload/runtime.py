@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from . import experts as experts_module
 from .binding import Binding
+from .collective import flag_device, raise_together
 from .config import OffloadConfig
 from .discovery import (
     eager_experts_forward,
@@ -205,6 +206,7 @@ class OffloadRuntime:
         self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.guarded: list[str] = []
         self.previous_experts_implementation: str | None = None
+        self.group = None
         self._release_hook = None
         self._state_dict_hooks: StateDictHooks | None = None
         self._finalizer = None
@@ -231,7 +233,7 @@ class OffloadRuntime:
     def attach(self, model: nn.Module, source: TensorSource, fingerprint, checkpoint_plans=None) -> None:
         """Build the store, point every parameter at its placeholder, move buffers, add the hooks."""
         config = self.config
-        group = process_group(config)
+        group = self.group = process_group(config)
         transfer = Transfer(self.device, pin=config.pin_memory)
         try:
             if checkpoint_plans is not None:
@@ -249,6 +251,7 @@ class OffloadRuntime:
                     group,
                     direct_io=config.direct_io,
                     verify=config.verify_checksums,
+                    device=self.device,
                 )
             self.readers = ThreadPoolExecutor(config.io_threads, thread_name_prefix="hf_moe_offload-io")
             self.pipeline = FetchPipeline(
@@ -412,13 +415,22 @@ class OffloadRuntime:
         row_bytes = spec.nbytes // spec.shape[0]
         rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype)
         buffer = tensor_bytes(rows)
-        for k, row in enumerate(unique.tolist()):
-            if not 0 <= row < spec.shape[0]:
-                raise IndexError(f"index {row} is out of range for the embedding {spec.name} of {spec.shape[0]} rows")
-            start = k * row_bytes
-            self.store.read(
-                ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes), buffer, start, start + row_bytes
-            )
+        error = None
+        try:
+            for k, row in enumerate(unique.tolist()):
+                if not 0 <= row < spec.shape[0]:
+                    raise IndexError(
+                        f"index {row} is out of range for the embedding {spec.name} of {spec.shape[0]} rows"
+                    )
+                start = k * row_bytes
+                read = ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes)
+                self.store.read(read, buffer, start, start + row_bytes)
+        except Exception as err:
+            if self.group is None:
+                raise
+            error = err
+        if self.group is not None:  # every rank reads its own rows: one failing must not leave the others waiting
+            raise_together(self.group, error, flag_device(self.group, self.device), f"reading rows of {spec.name}")
         self.counters.bytes_fetched += buffer.numel()
         param = nn.Parameter(rows.to(self.device), self.binding.requires_grad[spec.name])
         self.binding.bind(unit, plan.name, [(spec.name, param)])

@@ -36,6 +36,7 @@ from transformers.utils import logging
 
 from ..progress import progress_bar
 from . import pages
+from .collective import flag_device, raise_together
 from .layout import ALIGN, SAFETENSORS_DTYPES, ReadRange, TensorSource, TensorSpec, UnitPlan, align_up, tensor_bytes
 from .ownership import StoreLock, remove_leftovers, temporary_file
 
@@ -791,17 +792,32 @@ def open_nvme_store(
     *,
     direct_io: bool = False,
     verify: bool = True,
+    device: torch.device | None = None,
 ) -> NvmeStore:
     """The NVMe store of `plans` in `path`, written from `source` unless a valid one is there. With several processes
-    (`group`), rank 0 writes (or checks) it while the others wait at a barrier, then open it read-only."""
-    writer = group is None or group.rank() == 0
-    store = None
-    if writer:
-        store = NvmeStore(path, plans, source, fingerprint, direct_io=direct_io, verify=verify)
-    if group is not None:
-        torch.distributed.barrier(group=group)
+    (`group`), rank 0 writes (or checks) it, then the others open it read-only; a failure on any rank is raised on
+    every rank (`collective.raise_together`), never left for the others to wait on."""
+    if group is None:
+        return NvmeStore(path, plans, source, fingerprint, direct_io=direct_io, verify=verify)
+    flags = flag_device(group, device or torch.device("cpu"))
+    store, error = None, None
+    if group.rank() == 0:
+        try:
+            store = NvmeStore(path, plans, source, fingerprint, direct_io=direct_io, verify=verify)
+        except Exception as err:  # raised on every rank just below
+            error = err
+    raise_together(group, error, flags, f"opening the NVMe store in {path}")
     if store is None:
-        store = NvmeStore(
-            path, plans, None, fingerprint, direct_io=direct_io, verify=False, writer=False, progress=False
-        )
+        try:
+            store = NvmeStore(
+                path, plans, None, fingerprint, direct_io=direct_io, verify=False, writer=False, progress=False
+            )
+        except Exception as err:  # raised on every rank just below
+            error = err
+    try:
+        raise_together(group, error, flags, f"opening the NVMe store in {path} read-only")
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     return store
