@@ -12,6 +12,19 @@ import torch
 from helpers import nvme_path, prompts, tiny_model
 
 
+def torchrun(script, tmp_path, timeout: int) -> subprocess.CompletedProcess:
+    """`script` in 2 gloo processes (torchrun, standalone), one thread each, offline."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["cpu", "nvme"])
 def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_path):
@@ -46,15 +59,7 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
         """
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(script, tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
@@ -101,15 +106,7 @@ def test_one_rank_failing_raises_on_every_rank_without_a_hang(where, tmp_path):
     script.write_text(
         FAILING_RANK.format(ckpt=str(tmp_path / "ckpt"), store=str(tmp_path / "store"), where=where, out=str(tmp_path))
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(  # a hang would end in the timeout (gloo's own is 30 minutes)
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = torchrun(script, tmp_path, timeout=240)  # a hang would end in the timeout (gloo's own is 30 minutes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     failing = 0 if where == "open" else 1
     messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)}
