@@ -392,3 +392,52 @@ def test_an_expert_parallel_model_is_refused():
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts is sharded by expert parallelism"):
         enable_offload(model, OffloadConfig())
     assert getattr(model, "_hf_moe_offload_state", None) is None
+
+
+def mixtral_8x7b_plans():
+    """The plans of a Mixtral-8x7B-shaped model (bf16), built on the meta device: nothing is allocated."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from hf_moe_offload.offload.runtime import OffloadRuntime
+
+    config = MixtralConfig(dtype="bfloat16")  # the defaults are Mixtral-8x7B's shapes
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return OffloadRuntime(model, OffloadConfig(), torch.device("cpu"), residues={}).plans, config
+
+
+@pytest.mark.parametrize("card_gib", [80, 141])
+def test_the_expert_cache_of_a_mixtral_8x7b_fits_the_card(card_gib):
+    experts = experts_module
+    plans, config = mixtral_8x7b_plans()
+    layouts = [layout for plan in plans for layout in plan.experts]
+    assert len(layouts) == config.num_hidden_layers == 32
+    expert_bytes = 3 * config.hidden_size * config.intermediate_size * 2  # gate, up, down in bf16
+    assert all(layout.stride == expert_bytes for layout in layouts)  # 336 MiB, already 4 KiB aligned
+    slots = 2 * max(plan.nbytes for plan in plans)  # prefetch_depth 1: two slots of the largest unit
+    free = card_gib * 2**30 - slots
+    budget = int(free * experts.EXPERT_CACHE_FREE_FRACTION)
+    rows = experts.expert_cache_rows([lay.stride for lay in layouts], 8, [lay.num_experts for lay in layouts], budget)
+    assert rows == min(8, budget // (32 * expert_bytes))  # naive: whole rows of every layer within the budget
+    assert rows == {80: 3, 141: 6}[card_gib]  # not 8: all 8 would be 84 GiB of experts before the slots
+    assert rows * 32 * expert_bytes <= budget
+    assert experts.expert_cache_rows([expert_bytes] * 32, 8, [8] * 32, None) == 8  # the CPU: no byte cap
+
+
+def test_an_expert_cache_byte_budget_caps_the_experts_cached(tmp_path, offloaded):
+    model = tiny_model("gpt_moe")
+    probe = offloaded(tiny_model("gpt_moe"), store_config("nvme-copy", tmp_path / "a", 1))
+    layouts = [layout for plan in probe._hf_moe_offload_state.plans for layout in plan.experts]
+    per_row = sum(layout.stride for layout in layouts)
+    config = store_config("nvme-copy", tmp_path / "b", 1, expert_cache_bytes=2 * per_row + per_row // 2)
+    offloaded(model, config)
+    assert [layer.capacity for layer in model._hf_moe_offload_state.expert_layers] == [2] * len(layouts)
+    assert get_offload_stats(model).expert_cache_bytes == 2 * per_row
+
+
+def test_slots_that_cannot_fit_the_device_are_refused_before_allocating():
+    from hf_moe_offload.offload.prefetch import check_slots_fit
+
+    check_slots_fit(2**30, 2, 3 * 2**30, torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match=r"the 3 device slots .* need 3.00 GiB but cuda:0 has 2.00 GiB free"):
+        check_slots_fit(2**30, 3, 2 * 2**30, torch.device("cuda", 0))

@@ -58,6 +58,10 @@ class OffloadConfig:
         expert_cache_size: experts of each MoE layer kept on the execution device between steps (an LRU with a
             frequency prior); 0 keeps none. Capped at the layer's number of experts, which keeps every expert once
             fetched.
+        expert_cache_bytes: the device memory all MoE layers' expert caches may take together; the experts kept per
+            layer are `expert_cache_size` capped to fit it (with a warning). `None`: on CUDA half the memory free
+            once the slots are allocated (so a Mixtral-8x7B on an 80 GB card caches 3 experts per layer, not all 8);
+            on the CPU no cap (its caches are mapped pages the kernel can reclaim).
         speculative_prefetch: while a MoE layer computes, apply the next MoE layer's router to its hidden states and
             start fetching the experts it would pick into that layer's cache (needs `expert_cache_size > 0`). A wrong
             guess costs bandwidth only; precision and recall are in `get_offload_stats`.
@@ -88,6 +92,7 @@ class OffloadConfig:
     distributed: bool | None = None
     expert_fetch: str = "routed"
     expert_cache_size: int = 8
+    expert_cache_bytes: int | None = None
     speculative_prefetch: bool = True
     expert_break_even: float | None = None
     dtype: torch.dtype | None = None
@@ -116,6 +121,8 @@ class OffloadConfig:
         if self.expert_fetch not in _EXPERT_FETCH:
             raise ValueError(f"expert_fetch ({self.expert_fetch!r}) must be one of {_EXPERT_FETCH}")
         _check_int("expert_cache_size", self.expert_cache_size, 0, None, "experts kept per MoE layer")
+        if self.expert_cache_bytes is not None:
+            _check_int("expert_cache_bytes", self.expert_cache_bytes, 0, None, "device bytes of all expert caches")
         if self.expert_break_even is not None and (
             isinstance(self.expert_break_even, bool)
             or not isinstance(self.expert_break_even, (int, float))

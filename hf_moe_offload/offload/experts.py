@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.utils import logging
 
 from . import pages
 from .layout import ExpertLayout, ReadRange, UnitPlan
@@ -46,6 +47,7 @@ from .transfer import Transfer
 
 IMPLEMENTATION = "offload_routed"
 _LAYER_ATTR = "_hf_moe_offload_experts"
+logger = logging.get_logger(__name__)
 # Per use of its layer an expert's score decays by this factor and a routed expert gains 1. Below 0.5 one recent use
 # outweighs any history (a pure LRU); at 0.8 an expert used 5 of the last 10 steps outlasts one used only 2 steps ago.
 _SCORE_DECAY = 0.8
@@ -475,6 +477,37 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, routed_experts_forward)
 def _backend(device: torch.device) -> type[_ExpertLayer]:
     """Virtual regions on the CPU device where pages can be dropped (Linux); compact rows elsewhere."""
     return _VirtualExperts if device.type == "cpu" and pages.supported() else _CompactExperts
+
+
+EXPERT_CACHE_FREE_FRACTION = 0.5  # of the device memory free after the slots, when no expert_cache_bytes is given
+
+
+def expert_cache_rows(strides: list[int], cache_size: int, num_experts: list[int], budget: int | None) -> int:
+    """How many experts every MoE layer caches: `cache_size`, capped so that one row in each layer (`strides`: each
+    layer's bytes per expert) times the rows fits `budget` bytes (None: no byte cap). Capping at a layer's own number
+    of experts is the layer's business (`num_experts`, used only for the message)."""
+    if budget is None or not strides:
+        return cache_size
+    per_row = sum(strides)
+    rows = min(cache_size, budget // per_row)
+    if rows < min(cache_size, min(num_experts)):
+        logger.warning(
+            f"the expert caches get {rows} of the {cache_size} experts per MoE layer asked for: {len(strides)} layers "
+            f"x {rows} x {per_row / len(strides) / 2**20:.0f} MiB must fit the budget of {budget / 2**30:.2f} GiB "
+            f"(OffloadConfig.expert_cache_bytes)"
+        )
+    return rows
+
+
+def cache_budget(device: torch.device, configured: int | None) -> int | None:
+    """The bytes all expert caches may take on `device`: `configured` (`OffloadConfig.expert_cache_bytes`), else on
+    CUDA `EXPERT_CACHE_FREE_FRACTION` of the memory free now (after the slots), else (the CPU) no cap."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * EXPERT_CACHE_FREE_FRACTION)
 
 
 class ExpertsRuntime:

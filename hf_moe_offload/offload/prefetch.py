@@ -63,6 +63,17 @@ class Slot:
         return data[offset - start : offset - start + nbytes]
 
 
+def check_slots_fit(slot_bytes: int, count: int, free: int, device: torch.device) -> None:
+    """A clear error, before anything is allocated, when the slot ring cannot fit the device's free memory."""
+    need = slot_bytes * count
+    if need > free:
+        raise RuntimeError(
+            f"the {count} device slots (prefetch_depth + 1) of {slot_bytes / 2**30:.2f} GiB each (the largest unit) "
+            f"need {need / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB free: lower prefetch_depth, or free "
+            f"device memory"
+        )
+
+
 class FetchPipeline:
     """Fetches units of `plans` from `store` into a ring of device slots (see the module docstring)."""
 
@@ -114,6 +125,8 @@ class FetchPipeline:
         self.map_files = (
             map_files and self.device.type == "cpu" and self.world == 1 and store.mappable and pages.supported()
         )
+        if self.device.type == "cuda" and not self.map_files:
+            check_slots_fit(slot_bytes, depth + 1, torch.cuda.mem_get_info(self.device)[0], self.device)
         self.slots = [Slot(i, slot_bytes, transfer, not direct_copy, self.map_files) for i in range(depth + 1)]
         self.free: deque[Slot] = deque(self.slots)
         self.resident: dict[int, Slot] = {}

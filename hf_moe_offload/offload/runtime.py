@@ -319,7 +319,12 @@ class OffloadRuntime:
             stats=self.counters,
             placeholders=self.binding.placeholders,
             requires_grad=self.binding.requires_grad,
-            cache_size=config.expert_cache_size,
+            cache_size=experts_module.expert_cache_rows(
+                [layout.stride for plan in self.plans for layout in plan.experts],
+                config.expert_cache_size,
+                [layout.num_experts for plan in self.plans for layout in plan.experts],
+                experts_module.cache_budget(self.device, config.expert_cache_bytes),
+            ),
             speculative=config.speculative_prefetch,
             map_pages=self.pipeline.map_files,
             io_threads=config.io_threads,
