@@ -377,19 +377,19 @@ class _CompactExperts(_ExpertLayer):
         if not self.cuda:
             store.read(rng, dst, 0, rng.nbytes)
             return
-        event = self.transfer.event()
-        with self.transfer.copying(after=after or self.free_event):  # memory the compute stream may still read
-            if store.in_memory and store.pinned:
-                store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
-            else:
-                with self.transfer.staging() as staging:
-                    store.read(rng, staging, 0, rng.nbytes)
-                    dst[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
-                    self.transfer.copied(event)
-                    self.transfer.host_waits(event)  # the staging buffer is reused once the copy is done
-                return
-            self.transfer.copied(event)
-        self.transfer.host_waits(event)  # this I/O thread only (the computing thread waits on the future)
+        with self.transfer.reused_event() as event:
+            with self.transfer.copying(after=after or self.free_event):  # memory the compute stream may still read
+                if store.in_memory and store.pinned:
+                    store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
+                else:
+                    with self.transfer.staging() as staging:
+                        store.read(rng, staging, 0, rng.nbytes)
+                        dst[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
+                        self.transfer.copied(event)
+                        self.transfer.host_waits(event)  # the staging buffer is reused once the copy is done
+                    return
+                self.transfer.copied(event)
+            self.transfer.host_waits(event)  # this I/O thread only (the computing thread waits on the future)
 
     def _row(self, row: int) -> torch.Tensor:
         return self.cache[row * self.stride : (row + 1) * self.stride]

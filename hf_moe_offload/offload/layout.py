@@ -24,6 +24,9 @@ import torch
 ALIGN = 4096
 # Every tensor starts on a 64-byte boundary like torch's CPU allocations: kernels see the alignment they see in memory.
 TENSOR_ALIGN = 64
+# On CUDA every tensor starts on a 256-byte boundary: cuBLASLt takes a pointer's alignment (up to 256 bytes) as a hint
+# and may choose another kernel for a less aligned operand than for the caching allocator's (512-byte aligned) weights.
+CUDA_TENSOR_ALIGN = 256
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -137,15 +140,16 @@ class UnitPlan:
         return f"unit_{self.index:05d}"
 
 
-def placed(offset: int, residue: int) -> int:
-    """The first offset from `offset` on that is `residue` past a `TENSOR_ALIGN` boundary."""
-    return align_up(offset, TENSOR_ALIGN) + residue
+def placed(offset: int, residue: int, align: int = TENSOR_ALIGN) -> int:
+    """The first offset from `offset` on that is `residue` past an `align` boundary."""
+    return align_up(offset, align) + residue
 
 
 def plan_units(
     units: list[tuple[str, list[TensorSpec]]],
     experts: dict[int, list[ExpertGroup]] | None = None,
     residues: dict[str, int] | None = None,
+    align: int = TENSOR_ALIGN,
 ) -> list[UnitPlan]:
     """Lay out every unit: own tensors packed by decreasing element size, then the unit's experts (expert-major, see
     the module docstring), borrowed (tied) tensors after them. `experts` maps a unit index to its MoE layers.
@@ -154,7 +158,8 @@ def plan_units(
     `TENSOR_ALIGN`): each tensor is placed at the same residue in its unit's buffer. CPU GEMM kernels (MKL's AVX2
     path) round differently for operands at other alignments, so a weight at another residue than the in-memory
     model's would not give its results bit for bit. Slot buffers and mapped pages start on 4 KiB boundaries, so an
-    offset's residue is its address's."""
+    offset's residue is its address's. `align`: the boundary tensors start from (`CUDA_TENSOR_ALIGN` for a CUDA
+    execution device, with no residues)."""
     experts = experts or {}
     residues = residues or {}
 
@@ -169,7 +174,7 @@ def plan_units(
         own = [spec for spec in specs if spec.name not in owner]
         offset = 0
         for spec in sorted(own, key=lambda s: -s.dtype.itemsize):
-            offset = placed(offset, residue(spec))
+            offset = placed(offset, residue(spec), align)
             plan.own.append((spec, offset))
             plan.tensors.append((spec, offset))
             owner[spec.name] = (plan, offset)
@@ -180,7 +185,7 @@ def plan_units(
             param_offsets, blob = [], 0
             for spec in group.params:
                 # every expert's slice at its fused parameter's residue (exact when a slice is a multiple of 64 bytes)
-                blob = placed(blob, residue(spec))
+                blob = placed(blob, residue(spec), align)
                 param_offsets.append(blob)
                 blob += spec.nbytes // spec.shape[0]
             layout = ExpertLayout(group, offset, align_up(blob), blob, tuple(param_offsets))
@@ -258,7 +263,9 @@ def assemble(plan: UnitPlan, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -
 TensorSource = Callable[[UnitPlan], Iterable[torch.Tensor]]
 
 
-def checkpoint_plans(plans: list[UnitPlan], located: dict[str, tuple[str, int]]) -> list[UnitPlan]:
+def checkpoint_plans(
+    plans: list[UnitPlan], located: dict[str, tuple[str, int]], align: int = TENSOR_ALIGN
+) -> list[UnitPlan]:
     """The plans of a store that reads every tensor straight from checkpoint shards: `located` gives each tensor's
     (shard path, absolute byte offset). Each unit's buffer packs its tensors in plan order, each at its offset's
     residue modulo 64 in the shard (where a model loaded by `from_pretrained` holds it, see `plan_units`); a MoE unit
@@ -271,7 +278,8 @@ def checkpoint_plans(plans: list[UnitPlan], located: dict[str, tuple[str, int]])
         offset = 0
         for position, (spec, _) in enumerate(plan.tensors):
             path, start = located[spec.name]
-            offset = placed(offset, start % TENSOR_ALIGN if start % spec.dtype.itemsize == 0 else 0)
+            keep = align == TENSOR_ALIGN and start % spec.dtype.itemsize == 0  # (CUDA: aligned, no residue)
+            offset = placed(offset, start % TENSOR_ALIGN if keep else 0, align)
             new.tensors[position] = (spec, offset)
             new.ranges.append(ReadRange(path, start, offset, spec.nbytes))
             offset += spec.nbytes

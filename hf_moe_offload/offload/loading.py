@@ -206,7 +206,7 @@ def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader,
             and all(name in located for name in runtime.binding.placeholders)
         )
         if in_place:
-            plans = checkpoint_plans(runtime.plans, located)
+            plans = checkpoint_plans(runtime.plans, located, runtime.tensor_align)
         else:
             files = sorted(
                 {

@@ -37,6 +37,7 @@ from .discovery import (
 from .experts import ExpertsContext, ExpertsRuntime
 from .hooks import EmbeddingHook, RootHook, UnitHook, add_release_on_error, guard_methods, unguard_methods
 from .layout import (
+    CUDA_TENSOR_ALIGN,
     TENSOR_ALIGN,
     ExpertGroup,
     ReadRange,
@@ -72,7 +73,9 @@ def process_group(config: OffloadConfig):
     return dist.group.WORLD if use else None
 
 
-def _close_resources(experts: ExpertsRuntime | None, pipeline: FetchPipeline | None, readers, store) -> None:
+def _close_resources(
+    experts: ExpertsRuntime | None, pipeline: FetchPipeline | None, readers, store, transfer: Transfer | None = None
+) -> None:
     """Stop threads, drop mappings and pinned buffers, close files. Idempotent. It references none of the model's
     modules but the experts modules it detaches from, so that a finalizer can hold it."""
     if experts is not None:
@@ -81,6 +84,8 @@ def _close_resources(experts: ExpertsRuntime | None, pipeline: FetchPipeline | N
         pipeline.close()
     if readers is not None:
         readers.shutdown(wait=True)
+    if transfer is not None:
+        transfer.close()  # every copy done, then the host buffers unpinned
     if store is not None:
         store.close()
 
@@ -118,6 +123,12 @@ class _Reaper:
 
 
 _reap = _Reaper()
+
+
+def tensor_alignment(device: torch.device) -> int:
+    """Where tensors start in a unit's buffer: at their in-memory residue modulo 64 for the CPU's GEMMs (MKL), on
+    256-byte boundaries for CUDA's (cuBLASLt takes the pointer's alignment as a hint)."""
+    return CUDA_TENSOR_ALIGN if device.type == "cuda" else TENSOR_ALIGN
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -194,7 +205,10 @@ class OffloadRuntime:
                 for name, p in parameters.originals.items()
                 if p.device.type == "cpu" and p.numel()
             }
-        self.plans = plan_units(unit_specs, groups, residues)
+        self.tensor_align = tensor_alignment(device)
+        if device.type == "cuda":
+            residues = {}
+        self.plans = plan_units(unit_specs, groups, residues, self.tensor_align)
         self.binding = Binding(parameters, owned, device)
         self.router_names = {name: router_weight_name(model, name) for name in self.experts_modules}
         self.counters = OffloadStats()
@@ -202,6 +216,7 @@ class OffloadRuntime:
         self.pipeline: FetchPipeline | None = None
         self.experts: ExpertsRuntime | None = None
         self.readers: ThreadPoolExecutor | None = None
+        self.transfer: Transfer | None = None
         self.resident_bytes = 0
         self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.guarded: list[str] = []
@@ -234,14 +249,14 @@ class OffloadRuntime:
         """Build the store, point every parameter at its placeholder, move buffers, add the hooks."""
         config = self.config
         group = self.group = process_group(config)
-        transfer = Transfer(self.device, pin=config.pin_memory)
+        transfer = self.transfer = Transfer(self.device, pin=config.pin_memory)
         try:
             if checkpoint_plans is not None:
                 self.plans = checkpoint_plans
                 files = sorted({r.source for plan in checkpoint_plans for r in plan.ranges})
                 self.store = CheckpointStore(files, checkpoint_plans, checksums=config.verify_reads)
             elif config.offload_device == "cpu":
-                self.store = CpuStore(self.plans, source, pin=transfer.pin)
+                self.store = CpuStore(self.plans, source, transfer.host_buffer, pinned=transfer.pin)
             else:
                 self.store = open_nvme_store(
                     os.path.abspath(config.nvme_path),
@@ -279,7 +294,7 @@ class OffloadRuntime:
                 self._attach_experts(model, transfer, group)
         except BaseException:
             self._put_back_parameters()
-            _close_resources(self.experts, self.pipeline, self.readers, self.store)
+            _close_resources(self.experts, self.pipeline, self.readers, self.store, transfer)
             raise
         for index, (_, module) in enumerate(self.unit_modules):
             plan = self.plans[index]
@@ -293,7 +308,9 @@ class OffloadRuntime:
         )
         guard_save(model, self)
         # At interpreter exit the OS and concurrent.futures' own exit handler release all of it: atexit=False.
-        self._finalizer = weakref.finalize(model, _reap, self.experts, self.pipeline, self.readers, self.store)
+        self._finalizer = weakref.finalize(
+            model, _reap, self.experts, self.pipeline, self.readers, self.store, self.transfer
+        )
         self._finalizer.atexit = False
 
     def _attach_experts(self, model: nn.Module, transfer: Transfer, group) -> None:
@@ -390,7 +407,7 @@ class OffloadRuntime:
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
         self._finalizer.detach()
-        _close_resources(self.experts, self.pipeline, self.readers, self.store)
+        _close_resources(self.experts, self.pipeline, self.readers, self.store, self.transfer)
 
     # -- what the hooks call --------------------------------------------------------------------------------------
 

@@ -117,9 +117,17 @@ class CpuStore:
     mappable = False  # its arenas are host memory already: nothing to map
     in_memory = True  # reads are copies from host memory (asynchronous to CUDA from pinned arenas)
 
-    def __init__(self, plans: list[UnitPlan], source: TensorSource, pin: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        plans: list[UnitPlan],
+        source: TensorSource,
+        allocate: Callable[[int], torch.Tensor] | None = None,
+        pinned: bool = False,
+        progress: bool = True,
+    ):
+        """`allocate(nbytes)` gives each arena (default: pageable memory); `pinned` says whether it page-locks."""
         self.arenas: dict[str, torch.Tensor] = {}
-        self.pinned = pin
+        self.pinned = pinned
         self.read_bytes = 0
         self._lock = threading.Lock()
         total = sum(plan.own_nbytes for plan in plans)
@@ -129,7 +137,7 @@ class CpuStore:
             for plan in plans:
                 if not plan.own_nbytes:
                     continue
-                arena = torch.empty(plan.own_nbytes, dtype=torch.uint8, pin_memory=pin)
+                arena = allocate(plan.own_nbytes) if allocate else torch.empty(plan.own_nbytes, dtype=torch.uint8)
                 for (_, offset), tensor in zip(plan.own, source(plan), strict=True):
                     data = tensor_bytes(tensor)
                     arena[offset : offset + data.numel()].copy_(data)

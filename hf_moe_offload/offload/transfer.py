@@ -18,11 +18,51 @@ import torch
 from .layout import ALIGN
 
 
-def aligned_host_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """A uint8 host buffer of `nbytes` whose start is 4 KiB aligned (page-locked when `pin`)."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+def aligned_host_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 host buffer of `nbytes` whose start is 4 KiB aligned (pageable; `PinnedHost` gives page-locked ones)."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start : start + nbytes]
+
+
+class PinnedHost:
+    """Page-locked host buffers of exactly the size asked for.
+
+    torch's caching host allocator (`pin_memory=True`) rounds every allocation up to the next power of two and keeps
+    its blocks after they are freed: a 2.7 GiB arena pins 4 GiB, and nothing is given back on `disable_offload`.
+    Here a buffer is ordinary (pageable) memory registered with `cudaHostRegister` (through torch's `cudart()`
+    binding: the one place the runtime calls the CUDA runtime directly), and `close` unregisters every buffer. The
+    buffers stay valid, merely pageable again, should something still view them.
+
+    Args:
+        cudart: the CUDA runtime binding (default `torch.cuda.cudart()`; tests pass a fake one).
+    """
+
+    def __init__(self, cudart=None):
+        self._cudart = cudart
+        self._registered: list[int] = []
+        self.pinned_bytes = 0  # what this runtime has page-locked, exactly
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer of `nbytes`, 4 KiB aligned, page-locked."""
+        buffer = aligned_host_buffer(nbytes)
+        if nbytes:
+            cudart = self._cudart or torch.cuda.cudart()
+            status = int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+            if status != 0:
+                raise RuntimeError(f"page-locking {nbytes / 2**20:.1f} MiB of host memory failed (cudaError {status})")
+            self._registered.append(buffer.data_ptr())
+            self.pinned_bytes += nbytes
+        return buffer
+
+    def close(self) -> None:
+        """Unregister every buffer (after every copy from them has finished: the caller synchronises first)."""
+        if self._registered:
+            cudart = self._cudart or torch.cuda.cudart()
+            for pointer in self._registered:
+                cudart.cudaHostUnregister(pointer)
+        self._registered.clear()
+        self.pinned_bytes = 0
 
 
 class Transfer:
@@ -30,15 +70,18 @@ class Transfer:
 
     Args:
         device: the execution device.
-        pin: page-lock host staging buffers (CUDA only).
+        pin: page-lock host staging buffers and the CPU store's arenas (CUDA only), exactly (`PinnedHost`).
+        cudart: the CUDA runtime binding `PinnedHost` registers memory with (tests pass a fake one).
     """
 
-    def __init__(self, device: torch.device, pin: bool = False):
+    def __init__(self, device: torch.device, pin: bool = False, cudart=None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin and self.cuda
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
+        self.pinned = PinnedHost(cudart) if self.pin else None
 
     # -- memory -----------------------------------------------------------------------------------------------------
 
@@ -48,9 +91,22 @@ class Transfer:
             return aligned_host_buffer(nbytes)
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A 4 KiB-aligned host buffer that copies to the device start from (page-locked, exactly, when pinning)."""
+        return self.pinned.buffer(nbytes) if self.pinned is not None else aligned_host_buffer(nbytes)
+
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """A 4 KiB-aligned host buffer that copies to the device start from (page-locked when pinning)."""
-        return aligned_host_buffer(nbytes, pin=self.pin)
+        return self.host_buffer(nbytes)
+
+    def close(self) -> None:
+        """Wait for every copy queued on the copy stream (a prefetch may still write slots that go back to the
+        allocator), then unpin the host buffers. Idempotent."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        while not self._staging.empty():
+            self._staging.get()
+        if self.pinned is not None:
+            self.pinned.close()
 
     def add_staging(self, count: int, nbytes: int) -> None:
         """Fill the shared staging pool (expert reads on CUDA take one buffer each while they copy)."""
@@ -70,6 +126,19 @@ class Transfer:
 
     def event(self) -> torch.cuda.Event | None:
         return torch.cuda.Event() if self.cuda else None
+
+    @contextmanager
+    def reused_event(self) -> Iterator[torch.cuda.Event | None]:
+        """An event from a pool, for a copy the calling thread waits on before the block ends (so that it can be
+        reused at once): no `cudaEventCreate` per read."""
+        if not self.cuda:
+            yield None
+            return
+        event = self._events.get() if not self._events.empty() else torch.cuda.Event()
+        try:
+            yield event
+        finally:
+            self._events.put(event)
 
     @contextmanager
     def copying(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
