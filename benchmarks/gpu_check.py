@@ -1,0 +1,197 @@
+"""The GPU checks of the offload runtime that a test suite cannot make, for the first run on a CUDA machine.
+
+Writes one JSON line per check to stdout (and `--out DIR/gpu_check.jsonl`):
+  environment   torch, transformers, the device, whether `torch._grouped_mm` exists
+  exactness     greedy tokens and logits of an offloaded Llama-like and GPT-MoE model (CPU and NVMe stores, depth 0/1/2,
+                bf16) against the same model in device memory; then `disable_offload` right after `generate` gives
+                the weights back bit for bit
+  syncs         host synchronisations per decode step (`torch.cuda.set_sync_debug_mode("warn")`), offloaded minus
+                in-memory
+  memory        page-locked bytes (`PinnedHost.pinned_bytes`, `torch.cuda.host_memory_stats`) and device memory
+                (`max_memory_allocated`) against what the store and the slots need
+  throughput    a Llama-like bf16 model (hidden 4096, 8 layers) from the pinned CPU store at depth 1 and 2: bytes per
+                second against the pinned host-to-device bandwidth measured in the same run
+
+`--device cpu` runs the same code on the CPU (no syncs, no pinned memory, a small model): a dry run of the script.
+
+    python benchmarks/gpu_check.py --out results/        # on a GPU machine (benchmarks/gpu_check.sh runs it)
+    python benchmarks/gpu_check.py --device cpu --small  # the dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+
+def emit(out, **row) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+
+
+def llama(hidden: int, layers: int, dtype, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 512, 1),
+                         vocab_size=32000, max_position_embeddings=256)  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).to(device).eval()
+
+
+def gpt_moe(dtype, device):
+    import torch
+
+    from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTMoEConfig.from_preset("tiny-moe", num_experts=8, num_hidden_layers=4)
+    return GPTMoEForCausalLM(config).to(dtype).to(device).eval()
+
+
+def exactness(args, out, device, dtype) -> None:
+    import torch
+
+    from hf_moe_offload import OffloadConfig, disable_offload, enable_offload
+
+    small = 256 if args.small else 1024
+    for name, make in (("llama", lambda: llama(small, 4, dtype, device)), ("gpt_moe", lambda: gpt_moe(dtype, device))):
+        model = make()
+        ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad():
+            logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for kind in ("cpu", "nvme"):
+            for depth in (0, 1, 2):
+                with tempfile.TemporaryDirectory() as tmp:
+                    config = OffloadConfig(offload_device=kind, nvme_path=tmp if kind == "nvme" else None,
+                                           execution_device=device, prefetch_depth=depth,
+                                           expert_cache_size=3)  # fmt: skip  (a partial expert cache)
+                    enable_offload(model, config)
+                    with torch.no_grad():
+                        same_logits = torch.equal(model(ids).logits, logits)
+                    same_tokens = torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
+                    disable_offload(model)  # right after generate
+                    restored = all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+                emit(out, check="exactness", model=name, dtype=str(dtype), store=kind, depth=depth,
+                     logits_equal=same_logits, tokens_equal=same_tokens, disable_bit_exact=restored)  # fmt: skip
+
+
+def syncs_per_step(args, out, device, dtype) -> None:
+    import torch
+
+    from hf_moe_offload import OffloadConfig, disable_offload, enable_offload
+
+    if device.type != "cuda":
+        emit(out, check="syncs", skipped="no CUDA device")
+        return
+
+    def count(model, steps: int) -> float:
+        ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2)).to(device)
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+    for name, model in (("llama", llama(512, 4, dtype, device)), ("gpt_moe", gpt_moe(dtype, device))):
+        in_memory = count(model, 8)
+        enable_offload(model, OffloadConfig(execution_device=device, prefetch_depth=1))
+        offloaded = count(model, 8)
+        disable_offload(model)
+        emit(out, check="syncs", model=name, in_memory_per_step=in_memory, offloaded_per_step=offloaded,
+             extra_per_step=offloaded - in_memory)  # fmt: skip
+
+
+def memory_and_throughput(args, out, device, dtype) -> None:
+    import torch
+
+    from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
+    from hf_moe_offload.offload.api import runtime_of
+
+    hidden, layers = (256, 4) if args.small else (4096, 8)
+    model = llama(hidden, layers, dtype, "cpu")
+    store_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = None
+    if device.type == "cuda":
+        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty_like(host, device=device)
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        bandwidth = 5 * host.numel() / (time.perf_counter() - start)
+        del host, target
+    ids = torch.randint(3, 32000, (1, 8), generator=torch.Generator().manual_seed(3))
+    for depth in (1, 2):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        enable_offload(model, OffloadConfig(execution_device=device, prefetch_depth=depth))
+        runtime = runtime_of(model)
+        pinned = runtime.transfer.pinned.pinned_bytes if runtime.transfer.pinned is not None else 0
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        get_offload_stats(model, reset=True)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        stats = get_offload_stats(model)
+        row = {"check": "throughput", "hidden": hidden, "layers": layers, "depth": depth, "store_gb": store_bytes / 1e9,
+               "pinned_gb": pinned / 1e9, "slot_gb": stats.slot_bytes / 1e9,
+               "fetched_gb_per_s": stats.bytes_fetched / seconds / 1e9,
+               "h2d_pinned_gb_per_s": bandwidth / 1e9 if bandwidth else None,
+               "fetch_wait_fraction": stats.fetch_wait_seconds / seconds}  # fmt: skip
+        if device.type == "cuda":
+            row["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            row["host_memory_stats"] = {k: v for k, v in torch.cuda.host_memory_stats().items() if "bytes" in k}
+        disable_offload(model)
+        if runtime.transfer.pinned is not None:
+            row["pinned_after_disable_gb"] = runtime.transfer.pinned.pinned_bytes / 1e9
+        emit(out, **row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="small models (the CPU dry run)")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out", help="a folder for gpu_check.jsonl")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    device = torch.device(args.device)
+    out = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        out = open(os.path.join(args.out, "gpu_check.jsonl"), "w")
+    cuda = device.type == "cuda"
+    emit(out, check="environment", torch=torch.__version__, transformers=transformers.__version__,
+         device=torch.cuda.get_device_name(device) if cuda else "cpu",
+         grouped_mm=hasattr(torch, "_grouped_mm"))  # fmt: skip
+    dtype = torch.bfloat16 if cuda else torch.float32
+    exactness(args, out, device, dtype)
+    syncs_per_step(args, out, device, dtype)
+    memory_and_throughput(args, out, device, dtype)
+    if out is not None:
+        out.close()
+
+
+if __name__ == "__main__":
+    main()
