@@ -105,7 +105,7 @@ def child(args) -> None:
         kind, variant, depth = match.group(1), match.group(2), int(match.group(3))
         config = OffloadConfig(
             offload_device=kind,
-            nvme_path=os.path.join(args.work_dir, f"store-{args.model}-{args.dtype}"),
+            nvme_path=os.path.join(args.work_dir, f"store-{args.model}-{args.dtype}") if kind == "nvme" else None,
             prefetch_depth=depth,
             direct_io=variant == "-direct",
             map_files=variant in (None, "-store"),

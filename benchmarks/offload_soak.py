@@ -62,7 +62,7 @@ def main() -> None:
     for mode in args.modes:
         offload = OffloadConfig(
             offload_device="cpu" if mode == "cpu" else "nvme",
-            nvme_path=os.path.join(work, "store"),
+            nvme_path=os.path.join(work, "store") if mode != "cpu" else None,
             map_files=mode != "nvme-copy",
         )
         if mode == "in-memory":  # the reference: what generate itself does to the resident set
