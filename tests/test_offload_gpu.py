@@ -46,7 +46,7 @@ def test_cuda_routed_experts_match_the_model_on_the_gpu(arch, kind, cache, tmp_p
     model, ids, logits, tokens = reference_on_the_gpu(arch)
     config = OffloadConfig(
         offload_device=kind,
-        nvme_path=tmp_path / "store",
+        nvme_path=nvme_path(kind, tmp_path),
         execution_device="cuda",
         expert_cache_size=cache,
         expert_break_even=1.0,  # routed experts in every forward
