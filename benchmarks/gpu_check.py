@@ -156,7 +156,8 @@ def memory_and_throughput(args, out, device, dtype) -> None:
                "pinned_gb": pinned / 1e9, "slot_gb": stats.slot_bytes / 1e9,
                "fetched_gb_per_s": stats.bytes_fetched / seconds / 1e9,
                "h2d_pinned_gb_per_s": bandwidth / 1e9 if bandwidth else None,
-               "fetch_wait_fraction": stats.fetch_wait_seconds / seconds}  # fmt: skip
+               "fetch_wait_fraction": stats.fetch_wait_seconds / seconds,
+               "device_wait_fraction": stats.device_wait_seconds / seconds}  # fmt: skip
         if device.type == "cuda":
             row["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             row["host_memory_stats"] = {k: v for k, v in torch.cuda.host_memory_stats().items() if "bytes" in k}

@@ -151,6 +151,7 @@ def test_stats_count_bytes_of_each_pass(tmp_path):
     assert stats.bytes_fetched == model_bytes - wpe_bytes + rows * hidden * 4
     assert stats.store_read_bytes["cpu"] == stats.bytes_fetched
     assert stats.forward_passes == 1 and stats.fetch_wait_seconds > 0
+    assert stats.device_wait_seconds == stats.fetch_wait_seconds  # on the CPU the computing thread is the device
     assert get_offload_stats(model).bytes_fetched == 0
     disable_offload(model)
     assert model.transformer.wte.padding_idx is None and model.lm_head.weight is model.transformer.wte.weight

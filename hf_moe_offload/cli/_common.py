@@ -248,8 +248,8 @@ def offload_report(stats, phases: list[Phase]) -> list[str]:
     lines = [
         f"fetched {stats.bytes_fetched / 1e6:.1f} MB ({stats.bytes_fetched / max(steps, 1) / 1e6:.2f} MB per step), "
         f"store reads {sum(stats.store_read_bytes.values()) / 1e6:.1f} MB",
-        f"fetch stalls {stats.fetch_wait_seconds:.3f} s"
-        + (f" ({100 * stats.fetch_wait_seconds / seconds:.0f}% of the generation phase)" if seconds > 0 else ""),
+        f"fetch stalls {stats.device_wait_seconds:.3f} s"
+        + (f" ({100 * stats.device_wait_seconds / seconds:.0f}% of the generation phase)" if seconds > 0 else ""),
     ]
     routed = stats.expert_cache_hits + stats.expert_cache_misses
     if routed:

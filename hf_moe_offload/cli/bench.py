@@ -105,7 +105,7 @@ def _measure(args: argparse.Namespace, system: str) -> list[dict]:
         result["peak_memory"] = peak_memory(device)
         if stats is not None:
             result["mb_fetched_per_step"] = stats.bytes_fetched / max(phase.steps, 1) / 1e6
-            result["stall_fraction"] = stats.fetch_wait_seconds / max(phase.generation_seconds, 1e-9)
+            result["stall_fraction"] = stats.device_wait_seconds / max(phase.generation_seconds, 1e-9)
             routed = stats.expert_cache_hits + stats.expert_cache_misses
             result["expert_hit_rate"] = stats.expert_hit_rate if routed else None
         results.append(result)

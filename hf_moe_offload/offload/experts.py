@@ -246,7 +246,9 @@ class _ExpertLayer:
             return
         start = time.perf_counter()
         wait(futures.values())
-        self.stats.fetch_wait_seconds += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.stats.fetch_wait_seconds += waited
+        self.stats.device_wait_seconds += waited  # (on CUDA an expert's read ends after its copy: a real stall)
         failed = [e for e, future in futures.items() if future.exception() is not None]
         for expert in failed:  # never left looking resident: a later call fetches it again
             self._evict(expert)

@@ -304,8 +304,11 @@ class FetchPipeline:
                 self._free_slot(slot)
             raise
         finally:
-            self.stats.fetch_wait_seconds += time.perf_counter() - start
-        self.transfer.compute_waits(slot.ready_event)
+            waited = time.perf_counter() - start
+            self.stats.fetch_wait_seconds += waited
+            if not self.transfer.cuda:  # the computing thread is the device: its wait is the stall
+                self.stats.device_wait_seconds += waited
+        self.transfer.compute_waits_timed(slot.ready_event)
         slot.bound = True
         self._prefetch()
         return slot
@@ -324,6 +327,7 @@ class FetchPipeline:
             self.order, self.recording = self.recording, []
             self.pos = len(self.order) - 1
         self._prefetch()
+        self.stats.device_wait_seconds += self.transfer.device_wait_seconds()  # the timed waits that have completed
         if self.world > 1:
             # No collective may outlive the forward: the caller may tear the process group down next.
             wait([slot.future for slot in self.resident.values() if slot.future is not None])

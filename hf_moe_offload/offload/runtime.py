@@ -509,6 +509,8 @@ class OffloadRuntime:
     # -- statistics ---------------------------------------------------------------------------------------------
 
     def stats(self) -> OffloadStats:
+        if self.transfer is not None:  # every timed wait queued so far (a host sync on CUDA)
+            self.counters.device_wait_seconds += self.transfer.device_wait_seconds(wait=True)
         stats = dataclasses.replace(self.counters)
         stats.store_read_bytes = {self.store.name: self.store.read_bytes}
         stats.resident_bytes = self.resident_bytes

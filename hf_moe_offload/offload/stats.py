@@ -19,7 +19,11 @@ class OffloadStats:
     Attributes:
         bytes_fetched: bytes copied into the execution device's slots.
         units_fetched: unit fetches started (prefetched or on demand).
-        fetch_wait_seconds: time the computing thread waited for weights (stalls).
+        fetch_wait_seconds: time the computing thread waited for weights to be read (and, on CUDA, their copies
+            queued).
+        device_wait_seconds: time the execution device waited for weights: on CUDA the compute stream's waits on
+            the copies, timed with CUDA events (the host only queues them); on the CPU the same as
+            `fetch_wait_seconds`.
         store_read_bytes: bytes read from each store ("cpu", "nvme"), this process only.
         prefetch_hits: units whose fetch had finished when they were needed.
         late_prefetches: units whose prefetch was still running when they were needed (the wait is a stall).
@@ -43,6 +47,7 @@ class OffloadStats:
     bytes_fetched: int = 0
     units_fetched: int = 0
     fetch_wait_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
     store_read_bytes: dict[str, int] = field(default_factory=dict)
     prefetch_hits: int = 0
     late_prefetches: int = 0

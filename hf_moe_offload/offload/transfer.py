@@ -10,6 +10,7 @@ synchronises the compute stream.
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -81,6 +82,9 @@ class Transfer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
+        self._timing: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stalls_lock = threading.Lock()
         self.pinned = PinnedHost(cudart) if self.pin else None
 
     # -- memory -----------------------------------------------------------------------------------------------------
@@ -166,6 +170,40 @@ class Transfer:
         """The compute stream waits for `event` (a copy) before its next kernels."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    def compute_waits_timed(self, event: torch.cuda.Event | None) -> None:
+        """`compute_waits`, with the compute stream's wait timed by a pair of timing events around it (read by
+        `device_wait_seconds`): on CUDA the host only queues the wait, so its own clock would read about 0."""
+        if event is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start = self._timing.get() if not self._timing.empty() else torch.cuda.Event(enable_timing=True)
+        end = self._timing.get() if not self._timing.empty() else torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(event)
+        end.record(stream)
+        with self._stalls_lock:
+            self._stalls.append((start, end))
+
+    def device_wait_seconds(self, wait: bool = False) -> float:
+        """Seconds the compute stream spent waiting for copies, over the timed waits that have completed (all of them,
+        synchronising, when `wait`); each is counted once. 0 on the CPU."""
+        if not self.cuda:
+            return 0.0
+        total = 0.0
+        with self._stalls_lock:
+            pending = []
+            for start, end in self._stalls:
+                if wait:
+                    end.synchronize()
+                if end.query():
+                    total += start.elapsed_time(end) / 1000
+                    self._timing.put(start)
+                    self._timing.put(end)
+                else:
+                    pending.append((start, end))
+            self._stalls = pending
+        return total
 
     @staticmethod
     def host_waits(event: torch.cuda.Event | None) -> None:
