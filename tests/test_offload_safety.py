@@ -255,6 +255,7 @@ def test_a_store_file_changed_while_offloaded_raises_and_is_never_copied_back(ma
     before = snapshot(model)
     enable_offload(model, nvme(tmp_path, map_files=map_files))
     greedy(model)
+    held = model.state_dict()  # (what one state_dict handed out is never reused unverified by the next)
     rewrite_in_place(unit_files(tmp_path / "store")[2])
     with pytest.raises(RuntimeError, match=r"unit_00002.safetensors changed after it was opened"):
         greedy(model)
@@ -263,6 +264,7 @@ def test_a_store_file_changed_while_offloaded_raises_and_is_never_copied_back(ma
     assert torch.isnan(model.model.layers[0].mlp.up_proj.weight).all()  # placeholders, never the bad bytes
     with pytest.raises(RuntimeError, match="changed after it was opened"):
         model.state_dict()
+    del held
     model._hf_moe_offload_state.store.close()  # (teardown of a broken store: nothing to put back)
     assert all(before[name][0] is not None for name in before)
 

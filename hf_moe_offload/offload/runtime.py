@@ -304,7 +304,7 @@ class OffloadRuntime:
         self._release_hook = add_release_on_error(model, self)
         self.guarded = guard_methods(model, f"the {config.offload_device} store and stream to {self.device}")
         self._state_dict_hooks = StateDictHooks(
-            self, {name: self.binding.locations[name] for name in self.binding.placeholders}
+            model, self, {name: self.binding.locations[name] for name in self.binding.placeholders}
         )
         guard_save(model, self)
         # At interpreter exit the OS and concurrent.futures' own exit handler release all of it: atexit=False.

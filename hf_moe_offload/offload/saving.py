@@ -43,11 +43,12 @@ class StateDictHooks:
     """The hooks that put stored weights in the state dicts of `model` (see the module docstring).
 
     Args:
+        model: the offloaded model: each of its `state_dict()` calls reads (and verifies) every unit again.
         runtime: where the stored weights come from.
         locations: every place (module, attribute) of each stored parameter, by its canonical name.
     """
 
-    def __init__(self, runtime: Runtime, locations: dict[str, list[tuple[nn.Module, str]]]):
+    def __init__(self, model: nn.Module, runtime: Runtime, locations: dict[str, list[tuple[nn.Module, str]]]):
         # weakly: the modules hold these hooks, and what closes a garbage-collected model's resources holds modules
         self._runtime = weakref.ref(runtime)
         # the tensors handed out, kept only as long as some state dict holds them, and the last unit's (its modules
@@ -58,10 +59,16 @@ class StateDictHooks:
         for name, places in locations.items():
             for module, attr in places:
                 by_module.setdefault(module, {})[attr] = name
-        self.handles = [
+        self.handles = [model.register_state_dict_pre_hook(self._forget)]
+        self.handles += [
             module.register_state_dict_post_hook(functools.partial(self._replace, attrs))
             for module, attrs in by_module.items()
         ]
+
+    def _forget(self, module, prefix, keep_vars) -> None:
+        """A new `state_dict()` of the model: nothing handed out before is reused unverified."""
+        self._given = weakref.WeakValueDictionary()
+        self._last = {}
 
     def _tensor(self, name: str) -> torch.Tensor:
         tensor = self._last.get(name)
