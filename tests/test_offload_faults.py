@@ -355,9 +355,9 @@ def test_reader_thread_exception_surfaces_in_the_caller(map_files, method, threa
     real = getattr(store, method)
     threads = set()
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            return real(*args)  # the embedding's row lookups run in the caller
+            return real(*args, **kwargs)  # the embedding's row lookups run in the caller
         threads.add(threading.current_thread().name)
         raise OSError(errno.EIO, "Input/output error (injected)")
 

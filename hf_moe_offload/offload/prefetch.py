@@ -45,7 +45,7 @@ class Slot:
         self.mapped: list[tuple[int, torch.Tensor]] | None = None
         self.runs: list = []
         self.buffer = None if mapped else transfer.device_buffer(nbytes)
-        self.staging = transfer.staging_buffer(nbytes) if staging and transfer.cuda and not mapped else None
+        self.staging = transfer.host_buffer(nbytes) if staging and transfer.cuda and not mapped else None
         self.ready_event = transfer.event()  # the copy into this slot is done
         self.free_event = transfer.event()  # the compute stream is done with this slot
 
@@ -308,7 +308,7 @@ class FetchPipeline:
             self.stats.fetch_wait_seconds += waited
             if not self.transfer.cuda:  # the computing thread is the device: its wait is the stall
                 self.stats.device_wait_seconds += waited
-        self.transfer.compute_waits_timed(slot.ready_event)
+        self.transfer.compute_waits(slot.ready_event)
         slot.bound = True
         self._prefetch()
         return slot

@@ -86,19 +86,23 @@ def checkpoint_fingerprint(name: str, dtype: torch.dtype, files: list[str], prog
     """The fingerprint of a store written from checkpoint shards: the checkpoint's name, the dtype, and each shard's
     name, size and the CRC32 of its whole content (its safetensors header and every tensor), so a checkpoint
     replaced by other weights is never served from a stale store, whatever its sizes and times say."""
-    records = []
     total = sum(os.path.getsize(f) for f in files)
     with progress_bar(
         total=total, unit="B", unit_scale=True, desc="Fingerprinting the checkpoint", enabled=progress
     ) as bar:
-        for path in files:
-            crc = 0
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(_CRC_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
-                    bar.update(len(chunk))
-            records.append([os.path.basename(path), os.path.getsize(path), crc])
+        records = [[os.path.basename(path), os.path.getsize(path), crc32_file(path, bar)] for path in files]
     return {"source": "checkpoint", "name": name, "dtype": str(dtype), "files": records}
+
+
+def crc32_file(path: str, bar=None) -> int:
+    """The CRC32 of a whole file, read in chunks (each counted on `bar`)."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            if bar is not None:
+                bar.update(len(chunk))
+    return crc
 
 
 def crc32_tensor(data: torch.Tensor, crc: int = 0) -> int:
@@ -144,7 +148,7 @@ class CpuStore:
                     bar.update(data.numel())
                 self.arenas[plan.key] = arena
 
-    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int) -> None:
+    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int, check: bool = True) -> None:
         src = rng.src_offset + (lo - rng.dst_offset)
         # to a CUDA slot this runs on the runtime's copy stream: asynchronous from a pinned arena
         dst[lo:hi].copy_(self.arenas[rng.source][src : src + hi - lo], non_blocking=dst.is_cuda)
@@ -163,6 +167,12 @@ class CpuStore:
 
     def verify(self, plan: UnitPlan) -> None:
         """Nothing to check: the arenas are this process's private memory, written once."""
+
+    def verify_all(self, plans: list[UnitPlan]) -> None:
+        """Nothing to check (see `verify`)."""
+
+    def check_identity(self, key: str) -> None:
+        """Nothing to check: an arena cannot change under the store."""
 
     def source_files(self) -> list[str]:
         return []
@@ -330,7 +340,9 @@ class _FileStore:
                     table[key] = fd
         return fd
 
-    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int) -> None:
+    def read(self, rng: ReadRange, dst: torch.Tensor, lo: int, hi: int, check: bool = True) -> None:
+        """Bytes `lo..hi` of `rng`'s buffer coordinates into `dst`, then (`check`) the file's identity checked: a
+        caller doing many small reads of one file passes False and calls `check_identity` once after them."""
         src = self._data_start[rng.source] + rng.src_offset + (lo - rng.dst_offset)
         want = hi - lo
         length = want
@@ -354,7 +366,8 @@ class _FileStore:
                     f"{self._advice()}"
                 )
             done += got
-        self.check_identity(rng.source)  # after the read: the bytes read came from the file as opened
+        if check:
+            self.check_identity(rng.source)  # after the read: the bytes read came from the file as opened
         with self._lock:
             self.read_bytes += want
 
@@ -589,11 +602,7 @@ class NvmeStore(_FileStore):
             total=total, unit="B", unit_scale=True, desc="Verifying the NVMe store", enabled=progress
         ) as bar:
             for key, file_path in self._paths.items():
-                crc = 0
-                with open(file_path, "rb", buffering=0) as f:
-                    while chunk := f.read(_CRC_CHUNK):
-                        crc = zlib.crc32(chunk, crc)
-                        bar.update(len(chunk))
+                crc = crc32_file(file_path, bar)
                 if crc != files[key]["crc32"]:
                     raise RuntimeError(
                         f"NVMe store file {file_path} fails its checksum (crc32 {crc:08x}, manifest "
@@ -692,7 +701,14 @@ class NvmeStore(_FileStore):
     def verify(self, plan: UnitPlan) -> None:
         """Check the CRC32 of every store file `plan` reads (its own unit's file, and the files of tied tensors it
         borrows) against the manifest."""
-        for key in sorted({rng.source for rng in plan.ranges}):
+        self._verify_files({rng.source for rng in plan.ranges})
+
+    def verify_all(self, plans: list[UnitPlan]) -> None:
+        """`verify` of every plan, each file read once (a tied tensor's file is read by two plans)."""
+        self._verify_files({rng.source for plan in plans for rng in plan.ranges})
+
+    def _verify_files(self, keys: set[str]) -> None:
+        for key in sorted(keys):
             expected = self.manifest["files"][key]["crc32"]
             crc = self._crc(key, 0, self.manifest["files"][key]["size"])
             self.check_identity(key)
@@ -743,6 +759,11 @@ class CheckpointStore(_FileStore):
         for rng in plan.ranges:
             crc = self._crc(rng.source, rng.src_offset, rng.nbytes, crc)
         return crc
+
+    def verify_all(self, plans: list[UnitPlan]) -> None:
+        """`verify` of every plan (the checksums are per plan)."""
+        for plan in plans:
+            self.verify(plan)
 
     def verify(self, plan: UnitPlan) -> None:
         """Check the identity of every shard `plan` reads, and, when checksums were taken at open, its bytes."""

@@ -99,9 +99,6 @@ class Transfer:
         """A 4 KiB-aligned host buffer that copies to the device start from (page-locked, exactly, when pinning)."""
         return self.pinned.buffer(nbytes) if self.pinned is not None else aligned_host_buffer(nbytes)
 
-    def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        return self.host_buffer(nbytes)
-
     def close(self) -> None:
         """Wait for every copy queued on the copy stream (a prefetch may still write slots that go back to the
         allocator), then unpin the host buffers. Idempotent."""
@@ -115,7 +112,7 @@ class Transfer:
     def add_staging(self, count: int, nbytes: int) -> None:
         """Fill the shared staging pool (expert reads on CUDA take one buffer each while they copy)."""
         for _ in range(count):
-            self._staging.put(self.staging_buffer(nbytes))
+            self._staging.put(self.host_buffer(nbytes))
 
     @contextmanager
     def staging(self) -> Iterator[torch.Tensor]:
@@ -167,13 +164,8 @@ class Transfer:
             event.record(torch.cuda.current_stream(self.device))
 
     def compute_waits(self, event: torch.cuda.Event | None) -> None:
-        """The compute stream waits for `event` (a copy) before its next kernels."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-
-    def compute_waits_timed(self, event: torch.cuda.Event | None) -> None:
-        """`compute_waits`, with the compute stream's wait timed by a pair of timing events around it (read by
-        `device_wait_seconds`): on CUDA the host only queues the wait, so its own clock would read about 0."""
+        """The compute stream waits for `event` (a copy) before its next kernels; the wait is timed by a pair of
+        timing events around it (read by `device_wait_seconds`): the host only queues it, its clock would read 0."""
         if event is None:
             return
         stream = torch.cuda.current_stream(self.device)
