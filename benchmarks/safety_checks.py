@@ -12,8 +12,8 @@ for two read paths: `mapped` (the CPU default: checkpoint shards read in place, 
 store's own unit files, copied into slot buffers by the readers, as the CUDA path reads). The identity checks per step
 are counted, and one check is timed alone (200,000 calls) for a second, noise-free estimate.
 
-Part 2, each in its own process (peak RSS is its own: VmHWM): the whole store checked (`store.verify` of every
-unit, what `disable_offload` and saving do before bytes leave the store), `save_pretrained` of the offloaded model
+Part 2, each in its own process (peak RSS is its own: VmHWM): the whole store checked (`store.verify_all`, what
+`disable_offload` does before bytes leave the store), `save_pretrained` of the offloaded model
 (seconds, peak RSS) beside the peak RSS of generating.
 
     python benchmarks/safety_checks.py --repeats 5
@@ -158,8 +158,7 @@ def part2_child(args) -> None:
         decode_seconds_per_step(model, args.new_tokens)
     elif args.task == "verify":
         runtime = model._hf_moe_offload_state
-        for plan in runtime.plans:
-            runtime.store.verify(plan)
+        runtime.store.verify_all(runtime.plans)  # what disable_offload runs first
     else:
         with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
             model.save_pretrained(tmp)
