@@ -1,12 +1,17 @@
 """The CUDA path's host-side bookkeeping, tested without CUDA: exact page-locked sizes (the registration call is a
-fake), and that everything pinned is given back."""
+fake) and everything pinned given back, 256-byte alignment in the store, one host transfer per routed MoE call
+(syncing ops counted on the CPU through the same functions), misses read before anything else queued."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import tiny_model
+import torch.utils._python_dispatch
+from helpers import prompts, tiny_model
 
-from hf_moe_offload import OffloadConfig
+from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats
+from hf_moe_offload.offload import experts as experts_module
+from hf_moe_offload.offload import routing
 from hf_moe_offload.offload.layout import assemble
 from hf_moe_offload.offload.runtime import OffloadRuntime
 from hf_moe_offload.offload.store import CpuStore
@@ -87,3 +92,172 @@ def test_tensors_in_the_store_are_256_byte_aligned_for_a_cuda_device():
     located = {spec.name: ("shard", 8 + 4 * i) for i, spec in enumerate(dense)}
     in_place = checkpoint_plans(plan_units([("b", dense)], None, {}, CUDA_TENSOR_ALIGN), located, CUDA_TENSOR_ALIGN)
     assert all(offset % CUDA_TENSOR_ALIGN == 0 for _, offset in in_place[0].tensors)
+
+
+# -- item 3: the per-call bookkeeping of a routed MoE layer stays on the device, one host transfer per call -----------
+
+# Ops that make a CUDA host wait for the device: a value read by the host (`.item()`, `bool(tensor)`) or an output
+# whose size depends on the data.
+SYNCING_OPS = {
+    "_local_scalar_dense", "is_nonzero", "item", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+    "nonzero", "bincount", "masked_select", "repeat_interleave", "histc",
+}  # fmt: skip
+
+
+class CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the syncing ops run while `active` (on the CPU they are harmless; on CUDA each one is a host wait)."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = True
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and func.overloadpacket.__name__ in SYNCING_OPS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def paused(counter: CountSyncs, fn):
+    """`fn` with `counter` not counting: the model's own experts implementation (what runs in memory too) and the
+    one transfer itself."""
+
+    def run(*args, **kwargs):
+        counter.active = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.active = True
+
+    return run
+
+
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+@pytest.mark.parametrize("cache", [0, 2, 8])  # none, partial (several routed: gather + renumber), the whole layer
+def test_a_routed_moe_call_reads_the_device_once(cache, speculate, tmp_path, monkeypatch):
+    from hf_moe_offload.offload.api import runtime_of
+
+    monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)  # CUDA's backend
+    model = tiny_model("mixtral")  # top-2 of 8 experts, 2 MoE layers
+    config = OffloadConfig(expert_cache_size=cache, speculative_prefetch=speculate, expert_break_even=1.0)
+    enable_offload(model, config)
+    counter = CountSyncs()
+    transfers = []
+    real_to_host = routing.to_host
+
+    def counted_to_host(parts):
+        transfers.append(len(parts))
+        return real_to_host(parts)
+
+    monkeypatch.setattr(routing, "to_host", paused(counter, counted_to_host))
+    calls = 0
+    for layer in runtime_of(model).expert_layers:
+        real_forward = layer.forward
+
+        def forward(*args, real_forward=real_forward):
+            nonlocal calls
+            calls += 1
+            with counter:
+                return real_forward(*args)
+
+        layer.forward = forward
+        layer.forward_impl = paused(counter, layer.forward_impl)
+    model.generate(prompts(), max_new_tokens=4, do_sample=False)
+    disable_offload(model)
+    assert calls > 0 and len(transfers) == calls  # one transfer per call of a routed layer
+    assert counter.seen == []  # and nothing else the host waits for
+    if speculate and cache:  # the next layer's guess travels in the same transfer
+        assert 2 in transfers
+
+
+def test_the_device_bookkeeping_equals_the_naive_one():
+    torch.manual_seed(0)
+    num_experts = 8
+    for _ in range(20):
+        top_k_index = torch.randint(0, num_experts, (int(torch.randint(1, 9, ())), 2))
+        top_k_index[0, 0] = num_experts  # an expert-parallel sentinel: no expert
+        mask = routing.routed_mask(top_k_index, num_experts)
+        routed = sorted({e for e in top_k_index.reshape(-1).tolist() if 0 <= e < num_experts})  # naive
+        assert [e for e, used in enumerate(mask.tolist()) if used] == routed
+        lookup = {e: j for j, e in enumerate(routed)}
+        naive = [[lookup.get(min(max(e, 0), num_experts), len(routed)) for e in row] for row in top_k_index.tolist()]
+        assert routing.renumber(top_k_index, mask, len(routed)).tolist() == naive
+        hidden, weight = torch.randn(5, 16), torch.randn(num_experts, 16)
+        votes = torch.bincount(hidden.matmul(weight.t()).topk(2, dim=-1).indices.reshape(-1), minlength=num_experts)
+        ranked = sorted(range(num_experts), key=lambda e: (-votes[e].item(), e))[:3]  # most votes, ties by id
+        assert routing.speculation_votes(hidden, weight, 2, 3).tolist() == ranked + [votes[e].item() for e in ranked]
+    assert routing.to_host([torch.tensor([1, 2]), torch.tensor([3])]) == [[1, 2], [3]]
+
+
+# -- item 7: misses first ----------------------------------------------------------------------------------------------
+
+
+def test_readers_run_the_most_urgent_read_first_and_fifo_within_a_priority():
+    import threading
+
+    from hf_moe_offload.offload.readers import PREFETCH, SPECULATIVE, URGENT, PriorityReaders
+
+    readers = PriorityReaders(1)
+    gate, ran = threading.Event(), []
+    readers.submit(gate.wait)  # the one thread is busy: everything below queues
+    futures = [readers.submit_at(p, ran.append, name) for p, name in
+               [(SPECULATIVE, "guess"), (PREFETCH, "unit-a"), (URGENT, "miss-1"), (PREFETCH, "unit-b"),
+                (URGENT, "miss-2")]]  # fmt: skip
+    failing = readers.submit_at(URGENT, lambda: 1 / 0)
+    gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    assert ran == ["miss-1", "miss-2", "unit-a", "unit-b", "guess"]
+    with pytest.raises(ZeroDivisionError):  # a read's error reaches whoever waits on it
+        failing.result(timeout=10)
+    readers.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        readers.submit(ran.append, "late")
+
+
+@pytest.mark.parametrize("backend", ["virtual", "compact"])
+def test_misses_are_read_urgently_and_before_the_next_layers_guesses(backend, monkeypatch):
+    from hf_moe_offload.offload.api import runtime_of
+    from hf_moe_offload.offload.readers import PREFETCH, SPECULATIVE, URGENT, PriorityReaders
+
+    if backend == "compact":
+        monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)
+    submitted = []  # (call, priority, the expert layer whose read it is, or None)
+    call = [0]
+    real_submit_at = PriorityReaders.submit_at
+
+    def recording(self, priority, fn, *args, **kwargs):
+        submitted.append((call[0], priority, getattr(fn, "__self__", None)))
+        return real_submit_at(self, priority, fn, *args, **kwargs)
+
+    monkeypatch.setattr(PriorityReaders, "submit_at", recording)
+    model = tiny_model("mixtral")
+    # a cache of 2 with top-2 routing over 2 prompts: misses, uncached experts and guesses in most calls
+    enable_offload(model, OffloadConfig(expert_cache_size=2, speculative_prefetch=True, expert_break_even=1.0))
+    layers = runtime_of(model).expert_layers
+    for layer in layers:
+        real_forward = layer.forward
+
+        def forward(*args, real_forward=real_forward):
+            call[0] += 1
+            try:
+                return real_forward(*args)
+            finally:
+                call[0] += 1
+
+        layer.forward = forward
+    submitted.clear()
+    model.generate(prompts(), max_new_tokens=4, do_sample=False)
+    stats = get_offload_stats(model)
+    disable_offload(model)
+    assert stats.expert_cache_misses > 0 and stats.speculative_fetches > 0
+    experts = [(c, p) for c, p, owner in submitted if owner in layers]
+    assert {p for _, p in experts} == {URGENT, SPECULATIVE}  # no expert read at the units' priority
+    assert sum(p == URGENT for _, p in experts) >= stats.expert_cache_misses
+    assert sum(p == SPECULATIVE for _, p in experts) == stats.speculative_fetches
+    assert all(p == PREFETCH for _, p, owner in submitted if owner not in layers)  # the units' chunks
+    for c in {c for c, _ in experts}:  # within a call: every miss of the layer queued before any guess
+        priorities = [p for k, p in experts if k == c]
+        assert priorities == sorted(priorities), priorities

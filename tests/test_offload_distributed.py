@@ -64,6 +64,47 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
 
+@pytest.mark.distributed
+def test_each_rank_stages_and_copies_only_its_share(tmp_path):
+    """The staging path of a CUDA device (read into a host staging buffer, copy to the device slot, all-gather there),
+    run on the CPU: each rank's staging buffers hold its share, and it copies its share only."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = prompts()
+    torch.save({"ids": ids, "tokens": model.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
+    script = tmp_path / "shares.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+        import os
+        import torch
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+        from hf_moe_offload import OffloadConfig, enable_offload, get_offload_stats
+        from hf_moe_offload.offload.transfer import Transfer
+
+        Transfer.stages = property(lambda self: True)  # the CUDA device's staging path, on the CPU
+        dist.init_process_group("gloo")
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}).eval()
+        reference = torch.load({str(tmp_path / "ref.pt")!r})
+        enable_offload(model, OffloadConfig(offload_device="cpu", prefetch_depth=1))
+        tokens = model.generate(reference["ids"], max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, reference["tokens"]), (tokens, reference["tokens"])
+        stats = get_offload_stats(model)
+        # held: a staging buffer per slot of this rank's share of the largest unit, half the slots' bytes
+        assert stats.staging_bytes > 0 and 2 * stats.staging_bytes == stats.slot_bytes, stats
+        # copied: its share of every unit (shares are 4 KiB aligned), not the whole unit
+        assert 0.3 * stats.bytes_fetched < stats.host_to_device_bytes < 0.7 * stats.bytes_fetched, stats
+        open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
+        dist.destroy_process_group()
+        """
+        )
+    )
+    result = torchrun(script, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
 FAILING_RANK = """
 import os, sys, time
 import torch

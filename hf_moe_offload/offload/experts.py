@@ -30,17 +30,17 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.utils import logging
 
-from . import pages
+from . import pages, routing
 from .layout import ExpertLayout, ReadRange, UnitPlan
+from .readers import SPECULATIVE, URGENT, PriorityReaders
 from .stats import OffloadStats
 from .transfer import Transfer
 
@@ -59,7 +59,7 @@ class ExpertsContext:
 
     Args:
         store: the store the experts are read from.
-        readers: the reader threads.
+        readers: the reader threads (`readers.PriorityReaders`: misses are read before anything else queued).
         transfer: copies into the execution device.
         stats: the counters to add to.
         placeholders: the placeholder of each parameter (what the experts module holds between calls).
@@ -71,7 +71,7 @@ class ExpertsContext:
     """
 
     store: object
-    readers: Executor
+    readers: PriorityReaders
     transfer: Transfer
     stats: OffloadStats
     placeholders: dict[str, nn.Parameter]
@@ -87,14 +87,14 @@ class RoutingPolicy:
 
     Every forward measures the fraction of each layer's experts it touched, remembered per size (token counts
     bucketed by powers of two); a size not seen yet is judged by uniform routing (`1 - (1 - k/E)^tokens`). Sizes
-    above `break_even` stream whole layers.
+    above `break_even` stream whole layers. With several processes they decide together over `group`, a host
+    (gloo) group: no device synchronisation.
     """
 
-    def __init__(self, layers: list[_ExpertLayer], break_even: float, group=None, device: torch.device | None = None):
+    def __init__(self, layers: list[_ExpertLayer], break_even: float, group=None):
         self.layers = layers
         self.break_even = break_even
         self.group = group
-        self.device = device
         self.routed = False
         # the mean fraction of a layer's experts that forwards of 2**(bucket-1) to 2**bucket - 1 tokens touched
         self.touched: dict[int, float] = {}
@@ -110,7 +110,7 @@ class RoutingPolicy:
             touched = self.expected_experts_fraction(num_tokens) if num_tokens else 0.0
         routed = touched <= self.break_even
         if self.group is not None:  # every process must fetch the same plans (their reads are all-gathered)
-            flag = torch.tensor([int(routed)], device=self.device)
+            flag = torch.tensor([int(routed)])
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
             routed = bool(flag.item())
         self.routed = routed
@@ -125,6 +125,11 @@ class RoutingPolicy:
         return sum(fractions) / len(fractions)
 
     def end_forward(self) -> None:
+        masks = [layer for layer in self.layers if isinstance(layer.touched, torch.Tensor)]
+        if masks:  # whole-layer forwards left their routed masks on the device: one transfer for all of them
+            counts = routing.to_host([layer.touched.sum().reshape(1) for layer in masks])
+            for layer, (count,) in zip(masks, counts, strict=True):
+                layer.touched = count / layer.num_experts
         fractions = [layer.touched for layer in self.layers if layer.touched is not None]
         if fractions:
             touched = sum(fractions) / len(fractions)
@@ -153,11 +158,12 @@ class _ExpertLayer:
         self.attrs = [name.rpartition(".")[2] for name in self.names]
         self.requires_grad = [context.requires_grad[name] for name in self.names]
         self.capacity = min(context.cache_size, self.num_experts)
-        self.score = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.score = [0.0] * self.num_experts  # host bookkeeping: Python floats, never a device tensor
         self.resident: dict[int, int] = {}  # expert -> its row in the layer's memory
         self.pending: dict[int, Future] = {}
         self.guess: list[int] | None = None
-        self.touched: float | None = None  # fraction of the experts the last routed call used
+        # fraction of the experts the last routed call used (a whole-layer call: its routed mask, on the device)
+        self.touched: float | torch.Tensor | None = None
         self.next: _ExpertLayer | None = None
         self.router_weight: torch.Tensor | None = None  # device copy of this layer's router, for speculation
 
@@ -168,43 +174,55 @@ class _ExpertLayer:
         candidates = [e for e in self.resident if e not in keep and (e not in self.pending or self.pending[e].done())]
         if not candidates:
             return None
-        return min(candidates, key=lambda e: (self.score[e].item(), e))
+        return min(candidates, key=lambda e: (self.score[e], e))
 
     def forward(
         self, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if not self.policy.routed:  # a whole-layer forward: the unit bound every expert
-            self.touched = int((top_k_index.unique() < self.num_experts).sum()) / self.num_experts
+            self.touched = routing.routed_mask(top_k_index, self.num_experts)  # read at the end of the forward
             return self.forward_impl(module, hidden_states, top_k_index, top_k_weights)
         stats = self.stats
-        routed = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]  # ascending
+        mask = routing.routed_mask(top_k_index, self.num_experts)
+        following = self.next if self.context.speculative else None
+        votes = following.votes(hidden_states) if following is not None else None
+        # the one host transfer of this call: the routed set, and the next layer's guess with it
+        host = routing.to_host([mask] if votes is None else [mask, votes])
+        routed = [e for e, used in enumerate(host[0]) if used]  # ascending
         self.touched = len(routed) / self.num_experts
         if self.guess is not None:
             stats.speculated_correct += len(set(self.guess).intersection(routed))
             stats.speculated_needed += len(routed)
             self.guess = None
-        self.score.mul_(_SCORE_DECAY)
-        self.score[routed] += 1.0
+        score = self.score
+        for expert in range(self.num_experts):
+            score[expert] *= _SCORE_DECAY
+        for expert in routed:
+            score[expert] += 1.0
         misses = [e for e in routed if e not in self.resident]
         stats.expert_cache_hits += len(routed) - len(misses)
         stats.expert_cache_misses += len(misses)
+        # the reads this call waits for are queued first (urgent), the next layer's guesses after them
         uncached = self._fetch_misses(routed, misses)
-        if self.next is not None and self.context.speculative:
-            self.next.speculate(hidden_states)
+        direct = self._start_uncached(routed, uncached)
+        if votes is not None:
+            following.speculate(host[1])
         try:
-            return self._run(module, routed, uncached, hidden_states, top_k_index, top_k_weights)
+            return self._run(module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask)
         finally:
             self._after(routed)
 
-    def speculate(self, hidden_states: torch.Tensor) -> None:
-        """Guess this layer's experts from the previous MoE layer's hidden states and start fetching them."""
+    def votes(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """This layer's router applied to the previous MoE layer's hidden states (`routing.speculation_votes`, on
+        the device), or None where it cannot guess."""
         if self.capacity == 0 or self.router_weight is None or hidden_states.shape[-1] != self.router_weight.shape[1]:
-            return
-        logits = F.linear(hidden_states.float(), self.router_weight)  # (tokens, num_experts)
-        picks = logits.topk(min(self.top_k, self.num_experts), dim=-1).indices.reshape(-1)  # (tokens * k,)
-        votes = torch.bincount(picks, minlength=self.num_experts)  # (num_experts,)
-        ranked = torch.argsort(votes, descending=True, stable=True)[: self.capacity].tolist()
-        guess = [e for e in ranked if votes[e] > 0]
+            return None
+        return routing.speculation_votes(hidden_states, self.router_weight, self.top_k, self.capacity)
+
+    def speculate(self, votes: list[int]) -> None:
+        """Start fetching the experts `votes` (from `votes`, on the host) guess for this layer."""
+        half = len(votes) // 2
+        guess = [e for e, count in zip(votes[:half], votes[half:], strict=True) if count > 0]
         stats = self.stats
         stats.speculated += len(guess)
         self.guess = guess
@@ -217,7 +235,7 @@ class _ExpertLayer:
                 if victim is None:
                     break
                 self._evict(victim)
-            self._start_fetch(expert)
+            self._start_fetch(expert, SPECULATIVE)
             stats.speculative_fetches += 1
 
     def _fetch_misses(self, routed: list[int], misses: list[int]) -> list[int]:
@@ -232,13 +250,15 @@ class _ExpertLayer:
                     uncached.append(expert)
                     continue
                 self._evict(victim)
-            self._start_fetch(expert)
+            self._start_fetch(expert, URGENT)
         return uncached
 
     def _count_fetch(self) -> None:
         stats = self.stats
         stats.expert_bytes_fetched += self.layout.nbytes
         stats.bytes_fetched += self.layout.nbytes
+        if self.context.transfer.cuda:  # each rank reads and copies the experts it routed, whole
+            stats.host_to_device_bytes += self.layout.nbytes
 
     def _wait(self, experts: list[int]) -> None:
         futures = {e: self.pending[e] for e in experts if e in self.pending}
@@ -267,13 +287,20 @@ class _ExpertLayer:
 
     # -- backend hooks ------------------------------------------------------------------------------------------
 
-    def _start_fetch(self, expert: int) -> None:
+    def _start_fetch(self, expert: int, priority: int) -> None:
         raise NotImplementedError
 
     def _evict(self, expert: int) -> None:
         raise NotImplementedError
 
-    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    def _start_uncached(self, routed: list[int], uncached: list[int]) -> object:
+        """Start the reads of the routed experts the cache has no room for, for this call only; returns what
+        `_run` needs of them."""
+        raise NotImplementedError
+
+    def _run(
+        self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def _after(self, routed: list[int]) -> None:
@@ -317,9 +344,9 @@ class _VirtualExperts(_ExpertLayer):
         rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
         self.context.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
 
-    def _start_fetch(self, expert: int) -> None:
+    def _start_fetch(self, expert: int, priority: int) -> None:
         self.resident[expert] = expert
-        self.pending[expert] = self.context.readers.submit(self._load, expert)
+        self.pending[expert] = self.context.readers.submit_at(priority, self._load, expert)
         self._count_fetch()
 
     def _evict(self, expert: int) -> None:
@@ -331,10 +358,12 @@ class _VirtualExperts(_ExpertLayer):
         start = expert * self.layout.stride
         pages.drop(self.data[start : start + self.layout.stride])
 
-    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
+    def _start_uncached(self, routed, uncached):
         for expert in uncached:  # no room in the cache: resident for this call, unmapped after it
-            self._start_fetch(expert)
+            self._start_fetch(expert, URGENT)
         self.transient = uncached
+
+    def _run(self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask):
         self._wait(routed)
         self._bind(module, self.views)
         try:
@@ -371,16 +400,20 @@ class _CompactExperts(_ExpertLayer):
         self.free_event = self.transfer.event()  # the compute stream is done with the cache rows
         self.transfer.computed(self.free_event)
 
-    def _read(self, expert: int, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+    def _read(
+        self, expert: int, dst: torch.Tensor, after: torch.cuda.Event | None = None, urgent: bool = False
+    ) -> None:
         """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread. On CUDA the copy
-        waits for `after` (default: the layer's last use of its cache rows) on the compute stream."""
+        waits for `after` (default: the layer's last use of its cache rows) on the compute stream, and goes on the
+        high-priority copy stream when `urgent` (a miss the compute stream waits for)."""
         store = self.context.store
         rng = ReadRange(self.plan.key, self.layout.offset + expert * self.stride, 0, self.layout.nbytes)
         if not self.cuda:
             store.read(rng, dst, 0, rng.nbytes)
             return
         with self.transfer.reused_event() as event:
-            with self.transfer.copying(after=after or self.free_event):  # memory the compute stream may still read
+            # memory the compute stream may still read
+            with self.transfer.copying(after=after or self.free_event, urgent=urgent):
                 if store.in_memory and store.pinned:
                     store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
                 else:
@@ -396,10 +429,13 @@ class _CompactExperts(_ExpertLayer):
     def _row(self, row: int) -> torch.Tensor:
         return self.cache[row * self.stride : (row + 1) * self.stride]
 
-    def _start_fetch(self, expert: int) -> None:
+    def _start_fetch(self, expert: int, priority: int) -> None:
         row = expert if self.identity else self.free_rows.pop()
         self.resident[expert] = row
-        self.pending[expert] = self.context.readers.submit(self._read, expert, self._row(row))
+        urgent = priority == URGENT
+        self.pending[expert] = self.context.readers.submit_at(
+            priority, self._read, expert, self._row(row), None, urgent
+        )
         self._count_fetch()
 
     def _evict(self, expert: int) -> None:
@@ -410,7 +446,23 @@ class _CompactExperts(_ExpertLayer):
         if row is not None and not self.identity:
             self.free_rows.append(row)
 
-    def _run(self, module, routed, uncached, hidden_states, top_k_index, top_k_weights):
+    def _start_uncached(self, routed, uncached):
+        """Read the uncached experts straight into their rows of the call's compact weight (a scratch buffer)."""
+        if not uncached:
+            return None
+        scratch = self.transfer.device_buffer(len(routed) * self.stride)
+        allocated = self.transfer.event()  # the allocator may hand out memory that queued kernels still read
+        self.transfer.computed(allocated)
+        position = {expert: j for j, expert in enumerate(routed)}
+        futures = [
+            self.context.readers.submit_at(URGENT, self._read, e, scratch[position[e] * self.stride :], allocated, True)
+            for e in uncached
+        ]
+        for _ in uncached:
+            self._count_fetch()
+        return scratch, futures
+
+    def _run(self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask):
         if self.identity:
             self._wait(routed)
             weights, ids = self.layout.views(self.cache, self.num_experts), top_k_index
@@ -421,32 +473,16 @@ class _CompactExperts(_ExpertLayer):
             ids = (top_k_index != routed[0]).to(top_k_index.dtype)  # (tokens, k): 0, or 1 past the last expert
         else:
             count = len(routed)
-            scratch = self.transfer.device_buffer(count * self.stride)
-            allocated = None
-            if uncached:  # the allocator may hand out memory that queued kernels still read
-                allocated = self.transfer.event()
-                self.transfer.computed(allocated)
-            position = {expert: j for j, expert in enumerate(routed)}
-            direct = [
-                self.context.readers.submit(self._read, e, scratch[position[e] * self.stride :], allocated)
-                for e in uncached
-            ]
-            for _ in uncached:
-                self._count_fetch()
+            scratch, futures = direct if direct is not None else (self.transfer.device_buffer(count * self.stride), [])
             self._wait([e for e in routed if e not in uncached])
-            for expert in routed:
+            for j, expert in enumerate(routed):
                 if expert in self.resident:
-                    j = position[expert]
                     scratch[j * self.stride : (j + 1) * self.stride].copy_(self._row(self.resident[expert]))
-            wait(direct)
-            for future in direct:
+            wait(futures)
+            for future in futures:
                 future.result()
             weights = self.layout.views(scratch, count)
-            lookup = torch.full((self.num_experts + 1,), count, dtype=top_k_index.dtype, device=top_k_index.device)
-            lookup[torch.tensor(routed, device=top_k_index.device)] = torch.arange(
-                count, dtype=top_k_index.dtype, device=top_k_index.device
-            )
-            ids = lookup[top_k_index.clamp(0, self.num_experts)]  # (tokens, k) renumbered, in the same order
+            ids = routing.renumber(top_k_index, mask, count)  # (tokens, k) renumbered, on the device
         self._bind(module, weights)
         num_experts = module.num_experts
         module.num_experts = weights[0].shape[0]
@@ -524,7 +560,7 @@ class ExpertsRuntime:
         router_weights: a device copy of each layer's router weight (by experts module name), for speculation;
             None where the router is unknown.
         break_even: the fraction of a layer's experts above which a forward streams whole layers.
-        group: the process group all ranks decide with, or None.
+        group: the host (gloo) process group all ranks decide with, or None.
     """
 
     def __init__(
@@ -549,8 +585,10 @@ class ExpertsRuntime:
             layer.next = following
         transfer = context.transfer
         if self.layers and transfer.cuda and not (context.store.in_memory and context.store.pinned):
-            transfer.add_staging(context.io_threads, max(layer.layout.stride for layer in self.layers))
-        self.policy = RoutingPolicy(self.layers, break_even, group, transfer.device)
+            stride = max(layer.layout.stride for layer in self.layers)
+            transfer.add_staging(context.io_threads, stride)
+            context.stats.staging_bytes += context.io_threads * stride
+        self.policy = RoutingPolicy(self.layers, break_even, group)
         for layer in self.layers:
             layer.policy = self.policy
             context.stats.expert_cache_bytes += layer.capacity * layer.layout.stride

@@ -10,7 +10,9 @@ pipeline: in-flight fetches are drained and the unit is fetched on demand.
 A fetch runs on a coordinator thread: its byte ranges are split into chunks read by `io_threads` reader threads
 into the slot (CPU execution device) or into a page-locked staging buffer then copied on a dedicated CUDA stream
 with events (no host synchronisation on the compute stream). With several processes each one reads 1/N of the unit
-and an all-gather assembles it. Any exception of a reader thread is raised again in the thread that needs the unit.
+into a staging buffer of 1/N, copies those bytes only to its device (1/N of the host-to-device traffic, as
+ZeRO-Inference) and an all-gather on the device assembles it. Any exception of a reader thread is raised again in
+the thread that needs the unit.
 On the CPU execution device with an NVMe store the slots hold no buffer: each unit's ranges are mapped once, a fetch
 maps their pages (`MADV_POPULATE_READ`, zero-copy from the page cache) and freeing the slot unmaps them again.
 
@@ -19,6 +21,7 @@ A MoE unit has two plans: whole, and without its experts (`routed`), which then 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
@@ -35,7 +38,7 @@ from .transfer import Transfer
 class Slot:
     """One device buffer of the ring (or, with mapped pages, the mapping of the unit it holds)."""
 
-    def __init__(self, index: int, nbytes: int, transfer: Transfer, staging: bool, mapped: bool):
+    def __init__(self, index: int, nbytes: int, transfer: Transfer, staging: int, mapped: bool):
         self.index = index
         self.unit: int | None = None
         self.plan: UnitPlan | None = None
@@ -45,7 +48,8 @@ class Slot:
         self.mapped: list[tuple[int, torch.Tensor]] | None = None
         self.runs: list = []
         self.buffer = None if mapped else transfer.device_buffer(nbytes)
-        self.staging = transfer.host_buffer(nbytes) if staging and transfer.cuda and not mapped else None
+        # the host buffer reads land in before their copy to the device: this rank's share only (`staging` bytes)
+        self.staging = transfer.host_buffer(staging) if staging and transfer.stages and not mapped else None
         self.ready_event = transfer.event()  # the copy into this slot is done
         self.free_event = transfer.event()  # the compute stream is done with this slot
 
@@ -89,6 +93,7 @@ class FetchPipeline:
         group=None,
         map_files: bool = False,
         verify: bool = False,
+        flags=None,
     ):
         """
         Args:
@@ -100,6 +105,8 @@ class FetchPipeline:
             depth: units fetched ahead of the one computing (`depth + 1` slots).
             chunk_bytes: the largest read given to one reader.
             group: the process group whose ranks each read 1/N of a unit, or None.
+            flags: the host (gloo) group over the same ranks that a failed read is raised on every rank with (see
+                `collective.host_group`; used only from this pipeline's coordinator thread).
             map_files: on the CPU device, map the store's pages instead of reading them into slot buffers.
             verify: check the CRC of a unit's store files before each fetch of it (`OffloadConfig.verify_reads`).
         """
@@ -115,19 +122,22 @@ class FetchPipeline:
         self.group = group
         self.world = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
-        self._flags = flag_device(group, self.device) if group is not None else None
+        self._flags = flags if flags is not None else group
         # Each process reads an aligned 1/world share; the slot holds every share.
         every = plans + [p.dense for p in plans if p.dense is not None]
         self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
         self._payload = {id(p): sum(r.nbytes for r in p.ranges) for p in every}
         slot_bytes = max(self._share[id(p)] * self.world for p in plans)
+        staging_bytes = max(self._share[id(p)] for p in plans)  # each rank stages only its share
         direct_copy = store.in_memory and self.world == 1  # CPU arenas copy straight to the device
         self.map_files = (
             map_files and self.device.type == "cpu" and self.world == 1 and store.mappable and pages.supported()
         )
         if self.device.type == "cuda" and not self.map_files:
             check_slots_fit(slot_bytes, depth + 1, torch.cuda.mem_get_info(self.device)[0], self.device)
-        self.slots = [Slot(i, slot_bytes, transfer, not direct_copy, self.map_files) for i in range(depth + 1)]
+        self.slots = [
+            Slot(i, slot_bytes, transfer, 0 if direct_copy else staging_bytes, self.map_files) for i in range(depth + 1)
+        ]
         self.free: deque[Slot] = deque(self.slots)
         self.resident: dict[int, Slot] = {}
         self.order: list[int] | None = None
@@ -135,6 +145,7 @@ class FetchPipeline:
         self.pos = -1
         self.stats = stats
         stats.slot_bytes = 0 if self.map_files else slot_bytes * len(self.slots)
+        stats.staging_bytes += sum(slot.staging.numel() for slot in self.slots if slot.staging is not None)
         self._mappings: dict[int, tuple[list, list[tuple[int, torch.Tensor]]]] = {}
         self._readers = readers
         self._coordinator = ThreadPoolExecutor(1, thread_name_prefix="hf_moe_offload-fetch")
@@ -152,18 +163,20 @@ class FetchPipeline:
             self.drain()  # prefetched units hold the other plan
             self.routed = routed
 
-    def _read_ranges(self, plan: UnitPlan, host: torch.Tensor) -> None:
+    def _read_ranges(self, plan: UnitPlan, host: torch.Tensor, base: int = 0) -> None:
+        """This rank's share of `plan` into `host`, whose byte 0 is byte `base` of the unit's buffer."""
         share = self._share[id(plan)]
         lo_share, hi_share = self.rank * share, (self.rank + 1) * share
         futures = []
         for rng in plan.ranges:
             lo = max(rng.dst_offset, lo_share)
             hi = min(rng.dst_offset + rng.nbytes, hi_share)
+            shifted = dataclasses.replace(rng, dst_offset=rng.dst_offset - base) if base else rng
             # chunk boundaries on absolute multiples of chunk_bytes keep every read but a range's last one aligned
             start = lo
             while start < hi:
                 end = min(hi, (start // self.chunk_bytes + 1) * self.chunk_bytes)
-                futures.append(self._readers.submit(self.store.read, rng, host, start, end))
+                futures.append(self._readers.submit(self.store.read, shifted, host, start - base, end - base))
                 start = end
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
@@ -172,18 +185,18 @@ class FetchPipeline:
                 if f.exception() is not None:
                     raise f.exception()
 
-    def _read_share(self, plan: UnitPlan, host: torch.Tensor) -> None:
-        """This rank's share of `plan`; with several ranks a read that failed on any of them raises on all, before
-        the all-gather the others would wait in."""
+    def _read_share(self, plan: UnitPlan, host: torch.Tensor, base: int = 0) -> None:
+        """This rank's share of `plan` (see `_read_ranges`); with several ranks a read that failed on any of them
+        raises on all, before the all-gather the others would wait in."""
         if self.world == 1:
-            self._read_ranges(plan, host)
+            self._read_ranges(plan, host, base)
             return
         error = None
         try:
-            self._read_ranges(plan, host)
+            self._read_ranges(plan, host, base)
         except Exception as err:  # raised on every rank just below
             error = err
-        raise_together(self.group, error, self._flags, f"reading unit {plan.name}")
+        raise_together(self._flags, error, flag_device(self._flags, self.device), f"reading unit {plan.name}")
 
     def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
         share = self._share[id(plan)]
@@ -206,20 +219,23 @@ class FetchPipeline:
                 self.store.populate_run(run)
             slot.runs, slot.mapped = entry
             return
-        if self.device.type == "cpu":
+        if slot.staging is None and not self.transfer.cuda:  # the CPU device: read straight into the slot
             self._read_share(plan, slot.buffer)
             if self.world > 1:
                 self._all_gather(slot.buffer, plan)
             return
-        nbytes = self._share[id(plan)] * self.world
         with self.transfer.copying(after=slot.free_event):  # the previous unit in this slot has finished computing
             if slot.staging is None:
                 for rng in plan.ranges:  # pinned CPU store: one asynchronous copy per range
                     self.store.read(rng, slot.buffer, rng.dst_offset, rng.dst_offset + rng.nbytes)
+                self.stats.host_to_device_bytes += self._payload[id(plan)]
             else:
+                share = self._share[id(plan)]
+                lo = self.rank * share  # this rank's share: the only bytes it reads and copies
                 self.transfer.host_waits(slot.ready_event)  # the staging buffer's previous copy is done
-                self._read_share(plan, slot.staging)
-                slot.buffer[:nbytes].copy_(slot.staging[:nbytes], non_blocking=True)
+                self._read_share(plan, slot.staging, base=lo)
+                slot.buffer[lo : lo + share].copy_(slot.staging[:share], non_blocking=True)
+                self.stats.host_to_device_bytes += share
                 if self.world > 1:
                     self._all_gather(slot.buffer, plan)
             self.transfer.copied(slot.ready_event)

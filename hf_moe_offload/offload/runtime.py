@@ -14,7 +14,6 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
@@ -24,7 +23,7 @@ from transformers.utils import logging
 
 from . import experts as experts_module
 from .binding import Binding
-from .collective import flag_device, raise_together
+from .collective import flag_device, host_group, raise_together, release_host_groups
 from .config import OffloadConfig
 from .discovery import (
     eager_experts_forward,
@@ -50,10 +49,11 @@ from .layout import (
     tensor_bytes,
 )
 from .prefetch import FetchPipeline
+from .readers import PriorityReaders
 from .saving import StateDictHooks, guard_save, unguard_save
 from .stats import OffloadStats
 from .store import CheckpointStore, CpuStore, open_nvme_store, read_tensor
-from .transfer import Transfer
+from .transfer import Transfer, small_to_device
 
 
 logger = logging.get_logger(__name__)
@@ -74,7 +74,12 @@ def process_group(config: OffloadConfig):
 
 
 def _close_resources(
-    experts: ExpertsRuntime | None, pipeline: FetchPipeline | None, readers, store, transfer: Transfer | None = None
+    experts: ExpertsRuntime | None,
+    pipeline: FetchPipeline | None,
+    readers,
+    store,
+    transfer: Transfer | None = None,
+    groups: tuple = (),
 ) -> None:
     """Stop threads, drop mappings and pinned buffers, close files. Idempotent. It references none of the model's
     modules but the experts modules it detaches from, so that a finalizer can hold it."""
@@ -88,13 +93,14 @@ def _close_resources(
         transfer.close()  # every copy done, then the host buffers unpinned
     if store is not None:
         store.close()
+    release_host_groups(groups)
 
 
 class _Reaper:
     """Closes the resources of offloaded models that were garbage-collected without `disable_offload`.
 
     A weakref finalizer runs wherever the garbage collector happens to run, possibly inside a lock the closing would
-    need (`ThreadPoolExecutor.submit` holds one while it allocates), so the finalizer only hands the resources to this
+    need (an executor's `submit` holds one while it allocates), so the finalizer only hands the resources to this
     daemon thread through a `queue.SimpleQueue` (whose `put` is safe in finalizers) and the thread closes them.
     """
 
@@ -215,13 +221,15 @@ class OffloadRuntime:
         self.store = None
         self.pipeline: FetchPipeline | None = None
         self.experts: ExpertsRuntime | None = None
-        self.readers: ThreadPoolExecutor | None = None
+        self.readers: PriorityReaders | None = None
         self.transfer: Transfer | None = None
         self.resident_bytes = 0
         self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.guarded: list[str] = []
         self.previous_experts_implementation: str | None = None
         self.group = None
+        self.decisions = None  # host groups over the group's ranks: the computing thread's, the coordinator's
+        self.fetch_flags = None
         self._release_hook = None
         self._state_dict_hooks: StateDictHooks | None = None
         self._finalizer = None
@@ -268,7 +276,9 @@ class OffloadRuntime:
                     verify=config.verify_checksums,
                     device=self.device,
                 )
-            self.readers = ThreadPoolExecutor(config.io_threads, thread_name_prefix="hf_moe_offload-io")
+            if group is not None:  # the host groups of the small decisions, one per thread that makes them
+                self.decisions, self.fetch_flags = host_group(group), host_group(group)
+            self.readers = PriorityReaders(config.io_threads)
             self.pipeline = FetchPipeline(
                 self.plans,
                 self.store,
@@ -280,6 +290,7 @@ class OffloadRuntime:
                 group,
                 map_files=config.map_files and not config.direct_io,
                 verify=config.verify_reads,
+                flags=self.fetch_flags,
             )
             self.binding.install_placeholders()
             self.resident_bytes += self.binding.move_resident(self.device)
@@ -294,7 +305,7 @@ class OffloadRuntime:
                 self._attach_experts(model, transfer, group)
         except BaseException:
             self._put_back_parameters()
-            _close_resources(self.experts, self.pipeline, self.readers, self.store, transfer)
+            _close_resources(self.experts, self.pipeline, self.readers, self.store, transfer, self._host_groups())
             raise
         for index, (_, module) in enumerate(self.unit_modules):
             plan = self.plans[index]
@@ -309,9 +320,12 @@ class OffloadRuntime:
         guard_save(model, self)
         # At interpreter exit the OS and concurrent.futures' own exit handler release all of it: atexit=False.
         self._finalizer = weakref.finalize(
-            model, _reap, self.experts, self.pipeline, self.readers, self.store, self.transfer
+            model, _reap, self.experts, self.pipeline, self.readers, self.store, self.transfer, self._host_groups()
         )
         self._finalizer.atexit = False
+
+    def _host_groups(self) -> tuple:
+        return tuple(g for g in (self.decisions, self.fetch_flags) if g is not None)
 
     def _attach_experts(self, model: nn.Module, transfer: Transfer, group) -> None:
         config = self.config
@@ -350,7 +364,7 @@ class OffloadRuntime:
         if break_even is None:  # measured: benchmarks/README.md
             break_even = 1.0 if self.pipeline.map_files else 0.75
         self.experts = ExpertsRuntime(
-            context, self.plans, self.experts_modules, implementations, router_weights, break_even, group
+            context, self.plans, self.experts_modules, implementations, router_weights, break_even, self.decisions
         )
         self.previous_experts_implementation = implementation
         model.set_experts_implementation(experts_module.IMPLEMENTATION)
@@ -406,7 +420,7 @@ class OffloadRuntime:
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
         self._finalizer.detach()
-        _close_resources(self.experts, self.pipeline, self.readers, self.store, self.transfer)
+        _close_resources(self.experts, self.pipeline, self.readers, self.store, self.transfer, self._host_groups())
 
     # -- what the hooks call --------------------------------------------------------------------------------------
 
@@ -432,7 +446,8 @@ class OffloadRuntime:
         ((spec, offset),) = plan.tensors
         rng = next(r for r in plan.ranges if r.dst_offset <= offset < r.dst_offset + r.nbytes)
         table_start = rng.src_offset + (offset - rng.dst_offset)
-        unique, inverse = torch.unique(ids, return_inverse=True)
+        # the ids reach the host once (the rows to read depend on them); the rest is host work, then queued copies
+        unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
         row_bytes = spec.nbytes // spec.shape[0]
         rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype)
         buffer = tensor_bytes(rows)
@@ -452,11 +467,12 @@ class OffloadRuntime:
                 raise
             error = err
         if self.group is not None:  # every rank reads its own rows: one failing must not leave the others waiting
-            raise_together(self.group, error, flag_device(self.group, self.device), f"reading rows of {spec.name}")
+            decisions = self.decisions
+            raise_together(decisions, error, flag_device(decisions, self.device), f"reading rows of {spec.name}")
         self.counters.bytes_fetched += buffer.numel()
-        param = nn.Parameter(rows.to(self.device), self.binding.requires_grad[spec.name])
+        param = nn.Parameter(small_to_device(rows, self.device), self.binding.requires_grad[spec.name])
         self.binding.bind(unit, plan.name, [(spec.name, param)])
-        return inverse.to(ids.device)
+        return small_to_device(inverse, ids.device)
 
     def begin_forward(self, num_tokens: int | None = None) -> None:
         """Start a forward: wait for another thread's forward of this model to end (`finish_forward`), put back

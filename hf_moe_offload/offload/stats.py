@@ -18,6 +18,8 @@ class OffloadStats:
 
     Attributes:
         bytes_fetched: bytes copied into the execution device's slots.
+        host_to_device_bytes: bytes this process itself copied from host memory into its CUDA device's slots:
+            with several processes its share of each unit only (the rest arrives by the all-gather); 0 on the CPU.
         units_fetched: unit fetches started (prefetched or on demand).
         fetch_wait_seconds: time the computing thread waited for weights to be read (and, on CUDA, their copies
             queued).
@@ -42,9 +44,13 @@ class OffloadStats:
             `speculated_needed` experts that layer routed to (precision and recall: the properties below).
         whole_layer_forwards: forwards that streamed MoE layers whole (tokens enough to touch most experts).
         expert_cache_bytes: device memory of the expert caches.
+        staging_bytes: host memory of the staging buffers reads land in before their copy to a CUDA device
+            (page-locked with `pin_memory`): per slot this process's share of the largest unit, per reader thread
+            the largest expert; 0 on the CPU.
     """
 
     bytes_fetched: int = 0
+    host_to_device_bytes: int = 0
     units_fetched: int = 0
     fetch_wait_seconds: float = 0.0
     device_wait_seconds: float = 0.0
@@ -66,6 +72,7 @@ class OffloadStats:
     speculated_needed: int = 0
     whole_layer_forwards: int = 0
     expert_cache_bytes: int = field(default=0, metadata=GAUGE)
+    staging_bytes: int = field(default=0, metadata=GAUGE)
 
     @property
     def expert_hit_rate(self) -> float:

@@ -19,6 +19,9 @@ import torch
 from .layout import ALIGN
 
 
+# CUDA stream priorities: lower is more urgent; -1 is within every device's range (0 is the default priority)
+URGENT_STREAM_PRIORITY = -1
+
 def aligned_host_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 host buffer of `nbytes` whose start is 4 KiB aligned (pageable; `PinnedHost` gives page-locked ones)."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
@@ -80,12 +83,20 @@ class Transfer:
         self.cuda = device.type == "cuda"
         self.pin = pin and self.cuda
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # cache misses the compute stream waits for now: copied ahead of queued prefetch copies (a higher priority)
+        self.urgent_stream = torch.cuda.Stream(device, priority=URGENT_STREAM_PRIORITY) if self.cuda else None
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
         self._timing: queue.SimpleQueue[torch.cuda.Event] = queue.SimpleQueue()
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stalls_lock = threading.Lock()
         self.pinned = PinnedHost(cudart) if self.pin else None
+
+    @property
+    def stages(self) -> bool:
+        """Whether copies to the device start from host staging buffers (CUDA; tests set it to run that path on the
+        CPU)."""
+        return self.cuda
 
     # -- memory -----------------------------------------------------------------------------------------------------
 
@@ -104,6 +115,7 @@ class Transfer:
         allocator), then unpin the host buffers. Idempotent."""
         if self.cuda:
             self.copy_stream.synchronize()
+            self.urgent_stream.synchronize()
         while not self._staging.empty():
             self._staging.get()
         if self.pinned is not None:
@@ -142,21 +154,22 @@ class Transfer:
             self._events.put(event)
 
     @contextmanager
-    def copying(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
-        """Work inside the block is queued on the copy stream, after `after` (memory the compute stream may still
-        read). No-op on the CPU."""
+    def copying(self, after: torch.cuda.Event | None = None, urgent: bool = False) -> Iterator[None]:
+        """Work inside the block is queued on the copy stream (`urgent`: the high-priority one, for what the compute
+        stream waits for now), after `after` (memory the compute stream may still read). No-op on the CPU."""
         if not self.cuda:
             yield
             return
-        with torch.cuda.stream(self.copy_stream):
+        stream = self.urgent_stream if urgent else self.copy_stream
+        with torch.cuda.stream(stream):
             if after is not None:
-                self.copy_stream.wait_event(after)
+                stream.wait_event(after)
             yield
 
     def copied(self, event: torch.cuda.Event | None) -> None:
-        """Record `event` on the copy stream: everything queued on it so far."""
+        """Record `event` on the copy stream of the enclosing `copying` block: everything queued on it so far."""
         if event is not None:
-            event.record(self.copy_stream)
+            event.record(torch.cuda.current_stream(self.device))
 
     def computed(self, event: torch.cuda.Event | None) -> None:
         """Record `event` on the compute stream: its use of some memory so far."""
@@ -202,3 +215,13 @@ class Transfer:
         """The calling thread (an I/O thread, never the compute thread) waits for `event`."""
         if event is not None:
             event.synchronize()
+
+
+def small_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (renumbered ids, embedding rows) on `device` without a host synchronisation: a copy from
+    pageable memory makes the host wait for the device to catch up, one from page-locked memory is queued (torch's
+    pinned allocator keeps the block until the copy has run; these are small, so its power-of-two rounding is
+    harmless)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
