@@ -4,6 +4,18 @@
 # machine's own torch / transformers. Prints the environment, runs every `gpu`-marked test, then
 # benchmarks/gpu_check.py (exactness incl. partial expert caches and disable_offload right after generate, host
 # syncs per decode step, pinned and device memory against their budgets, throughput against pinned H2D bandwidth).
+#
+# Issue 17's ten items, and where each is checked (CPU: tests/test_cuda_path.py, tests/test_offload_distributed.py):
+#  1 expert cache from a byte budget      CPU: budget arithmetic; GPU: memory rows (max_memory_allocated vs budget)
+#  2 exact-size pinned buffers             CPU: fake cudaHostRegister; GPU: memory rows (host_memory_stats, pinned)
+#  3 one host transfer per MoE call        CPU: syncing ops counted per call; GPU: syncs rows (sync debug mode)
+#  4 each rank stages/copies its share     CPU: 2 gloo processes on the staging path; GPU: -
+#  5 LOCAL_RANK device default             CPU: resolve_execution_device under a fake 4-GPU torchrun
+#  6 a failed read raises on every rank    CPU: 2 gloo processes, within seconds
+#  7 misses first                          CPU: reader priorities and submission order; GPU: races (urgent stream)
+#  8 256-byte aligned tensors              CPU: store offsets; GPU: exactness rows, gpu tests (bit-exact vs memory)
+#  9 stalls timed with CUDA events         GPU: throughput rows (device_wait_fraction)
+# 10 copy streams synchronised on close    GPU: exactness rows (disable_offload right after generate), races
 set -u
 OUT="${OUT:-gpu_check_results}"
 mkdir -p "$OUT"
