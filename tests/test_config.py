@@ -85,6 +85,10 @@ BAD_CONFIGS = [
     ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef \(-0.1\) must be a finite number >= 0"),
     ({"router_z_loss_coef": float("nan")}, r"router_z_loss_coef \(nan\) must be"),
     ({"position_embedding_type": "alibi"}, r"position_embedding_type \('alibi'\) must be one of"),
+    (  # rope scaling with learned positions would do nothing (a long input then fails in the position table)
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+        r"rope_parameters \(rope_type 'linear'\) scale rotary positions, but position_embedding_type is 'learned'",
+    ),
     ({"hidden_act": "swishy"}, r"hidden_act \('swishy'\) must be one of"),
     ({"num_hidden_layers": 0}, r"num_hidden_layers \(0\) must be >= 1"),
     ({"vocab_size": 0}, r"vocab_size \(0\) must be >= 1"),

@@ -304,6 +304,21 @@ def test_registration_marks_classes_for_auto_map():
     assert hf_moe_offload.__version__ == importlib.metadata.version("hf_moe_offload")  # one version, setup.cfg's
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_works_with_rotary_positions_past_the_trained_length(rope_type):
+    rope = {"rope_type": rope_type, "factor": 4.0, "rope_theta": 10000.0}
+    if rope_type == "yarn":
+        rope["original_max_position_embeddings"] = 8
+    plain = tiny_model(position_embedding_type="rotary", max_position_embeddings=8)
+    scaled = tiny_model(position_embedding_type="rotary", max_position_embeddings=8, rope_parameters=rope)
+    long = inputs(seq=20)  # past max_position_embeddings: no position table to run out of
+    assert scaled(long).logits.shape == (2, 20, scaled.config.vocab_size)
+    assert not torch.equal(scaled(long).logits, plain(long).logits)  # the scaling is applied
+    if rope_type == "dynamic":  # dynamic NTK changes nothing within the trained length
+        short = inputs(seq=6)
+        torch.testing.assert_close(scaled(short).logits, plain(short).logits, rtol=0, atol=0)
+
+
 def test_sdpa_and_eager_attention_agree():
     model = tiny_model(position_embedding_type="rotary")
     ids = inputs()

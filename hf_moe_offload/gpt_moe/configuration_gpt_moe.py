@@ -123,6 +123,7 @@ class GPTMoEConfig(PreTrainedConfig):
             self.num_experts = list(self.num_experts)
         self._check_values()
         super().__post_init__(**kwargs)
+        self._check_rope()
 
     # -- layout helpers used by the model, the offload runtime and model cards -----------------------------------
 
@@ -148,6 +149,18 @@ class GPTMoEConfig(PreTrainedConfig):
     def validate_gpt_moe(self):
         """`@strict` class validator (runs again on `save_pretrained`), same rules as at construction."""
         self._check_values()
+        self._check_rope()
+
+    def _check_rope(self):
+        """Rope scaling changes rotary positions only: with learned positions it would do nothing, and a sequence
+        longer than `max_position_embeddings` would then fail in the position table."""
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if self.position_embedding_type == "learned" and rope_type != "default":
+            raise ValueError(
+                f"rope_parameters (rope_type {rope_type!r}) scale rotary positions, but position_embedding_type is "
+                f"'learned' (a table of max_position_embeddings={self.max_position_embeddings} positions, which rope "
+                f"scaling does not extend): use position_embedding_type='rotary', or drop the rope scaling"
+            )
 
     def _check_values(self):
         for name in (
