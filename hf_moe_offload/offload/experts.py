@@ -194,9 +194,7 @@ class _ExpertLayer:
             stats.speculated_correct += len(set(self.guess).intersection(routed))
             stats.speculated_needed += len(routed)
             self.guess = None
-        score = self.score
-        for expert in range(self.num_experts):
-            score[expert] *= _SCORE_DECAY
+        score = self.score = [s * _SCORE_DECAY for s in self.score]
         for expert in routed:
             score[expert] += 1.0
         misses = [e for e in routed if e not in self.resident]

@@ -123,6 +123,7 @@ class FetchPipeline:
         self.world = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
         self._flags = flags if flags is not None else group
+        self._flag_device = flag_device(self._flags, self.device) if group is not None else None
         # Each process reads an aligned 1/world share; the slot holds every share.
         every = plans + [p.dense for p in plans if p.dense is not None]
         self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
@@ -196,7 +197,7 @@ class FetchPipeline:
             self._read_ranges(plan, host, base)
         except Exception as err:  # raised on every rank just below
             error = err
-        raise_together(self._flags, error, flag_device(self._flags, self.device), f"reading unit {plan.name}")
+        raise_together(self._flags, error, self._flag_device, f"reading unit {plan.name}")
 
     def _all_gather(self, buffer: torch.Tensor, plan: UnitPlan) -> None:
         share = self._share[id(plan)]

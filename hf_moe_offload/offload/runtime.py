@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from . import experts as experts_module
 from .binding import Binding
-from .collective import flag_device, host_group, raise_together, release_host_groups
+from .collective import host_group, raise_together, release_host_groups
 from .config import OffloadConfig
 from .discovery import (
     eager_experts_forward,
@@ -449,7 +449,8 @@ class OffloadRuntime:
         # the ids reach the host once (the rows to read depend on them); the rest is host work, then queued copies
         unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
         row_bytes = spec.nbytes // spec.shape[0]
-        rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype)
+        # read straight into page-locked memory on CUDA: the copy to the device is then queued, not a host wait
+        rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype, pin_memory=self.device.type == "cuda")
         buffer = tensor_bytes(rows)
         error = None
         try:
@@ -467,8 +468,8 @@ class OffloadRuntime:
                 raise
             error = err
         if self.group is not None:  # every rank reads its own rows: one failing must not leave the others waiting
-            decisions = self.decisions
-            raise_together(decisions, error, flag_device(decisions, self.device), f"reading rows of {spec.name}")
+            # (a host group: its flags live on the CPU)
+            raise_together(self.decisions, error, torch.device("cpu"), f"reading rows of {spec.name}")
         self.counters.bytes_fetched += buffer.numel()
         param = nn.Parameter(small_to_device(rows, self.device), self.binding.requires_grad[spec.name])
         self.binding.bind(unit, plan.name, [(spec.name, param)])

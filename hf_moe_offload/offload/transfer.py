@@ -22,6 +22,7 @@ from .layout import ALIGN
 # CUDA stream priorities: lower is more urgent; -1 is within every device's range (0 is the default priority)
 URGENT_STREAM_PRIORITY = -1
 
+
 def aligned_host_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 host buffer of `nbytes` whose start is 4 KiB aligned (pageable; `PinnedHost` gives page-locked ones)."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
@@ -224,4 +225,4 @@ def small_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     harmless)."""
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
