@@ -12,12 +12,22 @@ writes `<results>.json`, `<results>.md` (the table) and `<results>.png` (the val
 trained model in `<output-dir>/<model>/final` (Hub layout: weights, code files, tokenizer, Trainer state and model
 card). `--models` picks a subset, `--max-steps` shortens the run (e.g. `--max-steps 20 --eval-every 10` for a smoke
 test). `hf_moe_offload/demo_model` is the S+MoE-16 of the default run.
+
+`--models S+MoE-16 S+DS-MoE-16` puts DeepSpeed-MoE's own layer beside GPT-MoE's on the same work: S+DS-MoE-<E> is S
+whose MoE blocks are `deepspeed.moe.layer.MoE` (`ep_size=1` in a one-process gloo group; the `bench` extra,
+`DS_BUILD_OPS=0 pip install -e ".[bench]"`) with the same expert MLP (GPT-MoE's `GPTMoEMLP`), every expert and the
+gate drawn from N(0, initializer_range) with zero biases (DeepSpeed itself deep-copies one expert, so its experts
+would start identical), top-1, the same capacity factor and min capacity in training, Random Token Selection, dropless
+evaluation (its gate's `drop_tokens` off in eval mode), and its `l_aux` (the same Switch loss) summed over the layers,
+times `--router-aux-loss-coef`, added to the loss exactly as GPT-MoE adds its own. It is not saved as a checkpoint
+(its blocks are DeepSpeed modules); its numbers go to the results like the others'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -28,6 +38,7 @@ from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, Trai
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
 from hf_moe_offload.gpt_moe import parameter_counts, parameter_summary
+from hf_moe_offload.gpt_moe.modeling_gpt_moe import GPTMoEMLP
 from hf_moe_offload.hub import write_model_card
 from hf_moe_offload.training import (
     BlockDataset,
@@ -105,12 +116,125 @@ def model_configs(args, tokenizer) -> dict[str, GPTMoEConfig]:
         f"S+MoE-{args.experts}": GPTMoEConfig(**common, **dense, **moe),
         "4xS": GPTMoEConfig(**common, **big),
     }
-    if args.models:
-        unknown = set(args.models) - set(configs)
-        if unknown:
-            raise ValueError(f"unknown model(s) {sorted(unknown)}; valid models are: {', '.join(configs)}")
-        configs = {name: configs[name] for name in args.models}
-    return configs
+    default = list(configs)
+    # The same S+MoE, its MoE blocks replaced by DeepSpeed's layer in `build_model`; only when asked for.
+    configs[deepspeed_name(args.experts)] = GPTMoEConfig(**common, **dense, **moe)
+    if not args.models:
+        return {name: configs[name] for name in default}
+    unknown = set(args.models) - set(configs)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; valid models are: {', '.join(configs)}")
+    return {name: configs[name] for name in args.models}
+
+
+def deepspeed_name(experts: int) -> str:
+    return f"S+DS-MoE-{experts}"
+
+
+class DeepSpeedMoEBlock(torch.nn.Module):
+    """DeepSpeed-MoE's layer in the place of a GPT-MoE MoE block, on the same shapes and routing settings."""
+
+    def __init__(self, config: GPTMoEConfig, moe_class: type):
+        super().__init__()
+        self.moe = moe_class(
+            hidden_size=config.hidden_size,
+            expert=GPTMoEMLP(config),
+            num_experts=config.num_experts,
+            ep_size=1,
+            k=config.num_experts_per_tok,
+            capacity_factor=config.capacity_factor,
+            eval_capacity_factor=1.0,  # unused: evaluation is dropless (`forward`)
+            min_capacity=config.min_capacity,
+            noisy_gate_policy=None,
+            drop_tokens=True,
+            use_rts=True,
+        )
+        std = config.initializer_range
+        with torch.no_grad():  # GPT-MoE's initialisation (`_init_weights`), drawn per expert
+            self.moe.deepspeed_moe.gate.wg.weight.normal_(0.0, std)
+            for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
+                for linear in (expert.up_proj, expert.down_proj):
+                    linear.weight.normal_(0.0, std)
+                    linear.bias.zero_()
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # GPT-MoE evaluates dropless (`eval_capacity_factor=None`); DeepSpeed's gate is dropless with `drop_tokens`
+        # off (its capacity is then the busiest expert's count).
+        self.moe.deepspeed_moe.gate.drop_tokens = self.training
+        output, aux_loss, expert_counts = self.moe(hidden_states)  # (batch, seq, hidden), (), (experts,)
+        if self.training:
+            self.aux_loss, self.expert_counts = aux_loss, expert_counts
+        return output
+
+
+def deepspeed_moe_model(config: GPTMoEConfig, router_aux_loss_coef: float) -> GPTMoEForCausalLM:
+    """S whose MoE blocks (those `config` puts MoE on) are DeepSpeed's layer, its `l_aux` added to the loss."""
+    try:
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+    except ImportError as error:
+        raise ImportError(
+            f"the {deepspeed_name(config.num_experts)} model needs deepspeed, the bench extra: "
+            "DS_BUILD_OPS=0 pip install -e '.[bench]'"
+        ) from error
+    if not dist.is_initialized():  # a one-process group: expert parallel size 1
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29534"), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # fmt: skip
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+    dense = GPTMoEConfig.from_dict({**config.to_dict(), "num_experts": 1})
+    model = GPTMoEForCausalLM(dense)
+    blocks = []
+    for index, layer in enumerate(model.model.layers):
+        if config.is_moe_layer(index):
+            layer.mlp = DeepSpeedMoEBlock(config, MoE)
+            blocks.append(layer.mlp)
+
+    def add_aux_loss(module, args, kwargs, output):
+        # GPT-MoE's own rule (`GPTMoEForCausalLM.forward`): coefficient x the sum over the MoE layers, weighted
+        # by this micro-batch's share of the step's label tokens under Trainer.
+        if not module.training or output.loss is None:
+            return output
+        router_loss = router_aux_loss_coef * torch.stack([block.aux_loss for block in blocks]).sum()
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        if num_items_in_batch is not None:
+            shift_labels = kwargs.get("shift_labels")
+            counted = shift_labels if shift_labels is not None else kwargs["labels"][..., 1:]
+            router_loss = router_loss * counted.ne(-100).sum() / num_items_in_batch
+        output.loss = output.loss + router_loss
+        return output
+
+    model.register_forward_hook(add_aux_loss, with_kwargs=True)
+    model.deepspeed_blocks = blocks
+    return model
+
+
+class DeepSpeedRouterMetrics(TrainerCallback):
+    """`router/aux_loss` and `router/load_cv` of the DeepSpeed blocks (means over the micro-batches since the last log;
+    DeepSpeed returns the counts before capacity, so the load is that of the first choices)."""
+
+    def __init__(self, blocks: list[DeepSpeedMoEBlock]):
+        self.blocks = blocks
+        self.aux: list[float] = []
+        self.counts: torch.Tensor | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.aux.append(float(torch.stack([b.aux_loss.detach() for b in self.blocks]).mean()))
+        counts = torch.stack([b.expert_counts.float() for b in self.blocks])  # (layers, experts)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self.aux:
+            return
+        load_cv = (self.counts.std(dim=1, unbiased=False) / self.counts.mean(dim=1)).mean()
+        metrics = {"router/aux_loss": sum(self.aux) / len(self.aux), "router/load_cv": float(load_cv)}
+        self.aux, self.counts = [], None
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
 
 
 @torch.no_grad()
@@ -170,7 +294,8 @@ def write_card(final: Path, name: str, meta: dict, args) -> Path:
 
 def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, meta: dict, args) -> dict:
     torch.manual_seed(args.seed)
-    model = GPTMoEForCausalLM(config)
+    deepspeed = name == deepspeed_name(args.experts)
+    model = deepspeed_moe_model(config, args.router_aux_loss_coef) if deepspeed else GPTMoEForCausalLM(config)
     counts = parameter_counts(config)
     tokens_per_step = args.batch_size * args.block_size
     training_args = TrainingArguments(
@@ -195,16 +320,19 @@ def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, met
     )
     curve = CurveCallback(validation, args.eval_every, args.eval_batch_size)
     trainer = Trainer(model=model, args=training_args, train_dataset=BlockDataset(train), callbacks=[curve])
-    if config.num_experts != 1:
+    if deepspeed:
+        trainer.callback_handler.callbacks.insert(0, DeepSpeedRouterMetrics(model.deepspeed_blocks))
+    elif config.num_experts != 1:
         add_router_metrics(trainer)
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    final = args.output_dir / name / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    trainer.state.save_to_json(str(final / "trainer_state.json"))  # the model card's training results
-    write_card(final, name, meta, args)
+    if not deepspeed:  # a DeepSpeed-block model is no GPT-MoE checkpoint
+        final = args.output_dir / name / "final"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        trainer.state.save_to_json(str(final / "trainer_state.json"))  # the model card's training results
+        write_card(final, name, meta, args)
     router = [
         {k: v for k, v in log.items() if k.startswith("router/") and k.count("/") == 1}
         for log in trainer.state.log_history
@@ -212,6 +340,8 @@ def train_one(name: str, config: GPTMoEConfig, tokenizer, train, validation, met
     ]
     return {
         "model": name,
+        "implementation": "deepspeed.moe.layer.MoE" if deepspeed else "GPT-MoE",
+        "seed": args.seed,
         "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers,
         "experts": config.num_experts,
@@ -284,7 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/stdlib"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/train_gpt_moe"))
-    parser.add_argument("--models", nargs="*", help="subset of: S, S+MoE-<experts>, 4xS (default: all three)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        help="subset of: S, S+MoE-<experts>, 4xS, S+DS-MoE-<experts> (DeepSpeed's layer; default: the first three)",
+    )
     parser.add_argument("--modules", nargs="*", help="standard-library top-level modules to use (default: all)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=256)

@@ -91,6 +91,54 @@ def test_ep_plan_shards_experts_and_matches_one_process(tmp_path):
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
 
+def test_tp_plan_matches_one_process_forward_and_gradients(tmp_path):
+    # A dense block and an MoE block, every bias drawn non-zero: with transformers' `moe_tp_experts` each rank would
+    # add the experts' down-projection bias once (logits off by ~0.06 here); GPT-MoE's own style adds it once.
+    config = GPTMoEConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        num_experts=4, drop_tokens=False,
+    )  # fmt: skip
+    model = GPTMoEForCausalLM(config).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 64, (2, 7))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    names = [n for n, _ in model.named_parameters() if "layers.1.mlp" in n or "layers.0.mlp" in n]
+    grads = {n: p.grad for n, p in model.named_parameters() if n in names}
+    reference = {"ids": ids, "logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads}
+    torch.save(reference, tmp_path / "ref.pt")
+    script = f"""
+        import os
+        import torch
+        import hf_moe_offload  # noqa: F401
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, tp_plan="auto").train()
+        reference = torch.load({str(tmp_path / "ref.pt")!r})
+        experts = model.model.layers[1].mlp.experts
+        assert tuple(experts.up_proj.to_local().shape) == (4, 24, 32), experts.up_proj.to_local().shape
+        assert tuple(experts.up_proj_bias.to_local().shape) == (4, 24)
+        assert tuple(experts.down_proj.to_local().shape) == (4, 32, 24)
+        out = model(reference["ids"], labels=reference["ids"])
+        # fp32 matmuls split over two ranks sum in another order
+        torch.testing.assert_close(out.logits, reference["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss, reference["loss"], rtol=1e-5, atol=1e-5)
+        out.loss.backward()
+        params = dict(model.named_parameters())
+        for name, expected in reference["grads"].items():
+            grad = params[name].grad
+            grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=name)
+        open("rank" + os.environ["RANK"] + ".ok", "w").close()
+    """
+    check(launch(tmp_path, script))
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
 def test_ep_trainer_trains_and_its_checkpoint_loads_into_one_process(tmp_path):
     GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny-moe", num_experts=4)).save_pretrained(tmp_path / "ckpt")
     script = f"""

@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -389,3 +390,35 @@ def test_a_model_whose_class_fsdp2_swapped_saves_the_gpt_moe_code_and_auto_map(t
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt_moe.GPTMoEForCausalLM"
     assert config["architectures"] == ["GPTMoEForCausalLM"]
+
+
+def test_forward_declares_its_output_class_at_runtime():
+    # transformers reads `forward`'s return annotation (its output fields) to know that `output_router_logits`
+    # returns `router_logits`; a string annotation (`from __future__ import annotations`) hides them.
+    for model_class, output_class in (
+        (GPTMoEForCausalLM, modeling_gpt_moe.GPTMoECausalLMOutputWithPast),
+        (GPTMoEModel, modeling_gpt_moe.GPTMoEModelOutputWithPast),
+    ):
+        assert model_class.forward.__annotations__["return"] is output_class
+    assert "router_logits" in modeling_gpt_moe.GPTMoECausalLMOutputWithPast.__dataclass_fields__
+
+
+@pytest.mark.parametrize("moe_layer_frequency, num_experts", [(1, 4), (2, 4), (2, 1)])
+def test_tp_plan_names_only_and_all_the_sharded_modules(moe_layer_frequency, num_experts):
+    config = GPTMoEConfig.from_preset(
+        "tiny-moe", num_hidden_layers=2, moe_layer_frequency=moe_layer_frequency, num_experts=num_experts
+    )
+    model = GPTMoEForCausalLM(config)
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_modules()}
+
+    def matches(pattern: str) -> set[str]:
+        regex = re.compile("model." + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        return {n for n in names if regex.match(n)}
+
+    plan = config.base_model_tp_plan
+    assert all(matches(pattern) for pattern in plan), [p for p in plan if not matches(p)]
+    sharded = set().union(*(matches(p) for p in plan))
+    experts = [n for n in names if n.endswith("mlp.experts.up_proj")]
+    dense = [n for n in names if n.endswith("mlp.up_proj") and ".experts." not in n]
+    assert set(experts + dense) <= sharded and (experts or dense)
+    assert bool(experts) == (num_experts > 1) and bool(dense) == (moe_layer_frequency > 1 or num_experts == 1)

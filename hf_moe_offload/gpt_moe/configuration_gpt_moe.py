@@ -18,6 +18,24 @@ NOISY_GATE_POLICIES = (None, "jitter", "rsample")
 POSITION_EMBEDDING_TYPES = ("learned", "rotary")
 
 
+# Tensor-parallel plans (`tp_plan="auto"`) of the attention, the dense MLP and the experts;
+# `GPTMoEConfig.base_model_tp_plan` names those of the blocks a config has. The two `gpt_moe_*` styles are registered
+# by `modeling_gpt_moe.py` (the experts have biases, which transformers' `moe_tp_experts` would add once per rank).
+_ATTENTION_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+}
+_DENSE_MLP_TP_PLAN = {"layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+_EXPERTS_TP_PLAN = {
+    "layers.*.mlp.experts.up_proj": "colwise",
+    "layers.*.mlp.experts.up_proj_bias": "gpt_moe_shard_last_dim",
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "gpt_moe_tp_experts",
+}
+
+
 @strict
 class GPTMoEConfig(PreTrainedConfig):
     r"""
@@ -62,14 +80,6 @@ class GPTMoEConfig(PreTrainedConfig):
     model_type = "gpt_moe"
     keys_to_ignore_at_inference = ["cache"]
     default_theta = 10000.0
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
     base_model_ep_plan = {
         "layers.*.mlp.experts.up_proj": "grouped_gemm",
         "layers.*.mlp.experts.up_proj_bias": "grouped_gemm",
@@ -126,6 +136,18 @@ class GPTMoEConfig(PreTrainedConfig):
         self._check_rope()
 
     # -- layout helpers used by the model, the offload runtime and model cards -----------------------------------
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """The tensor-parallel plan of the blocks this config has: the dense MLP's entries when a block is dense, the
+        experts' when one is MoE (a plan entry that matches no module is an error in transformers' checks)."""
+        layers = range(self.num_hidden_layers)
+        plan = dict(_ATTENTION_TP_PLAN)
+        if not all(self.is_moe_layer(i) for i in layers):
+            plan.update(_DENSE_MLP_TP_PLAN)
+        if any(self.is_moe_layer(i) for i in layers):
+            plan.update(_EXPERTS_TP_PLAN)
+        return plan
 
     @property
     def moe_layer_indices(self) -> list[int]:

@@ -4,8 +4,8 @@
 # transformers, the standard library and its sibling `configuration_gpt_moe.py`.
 """GPT-MoE: a GPT decoder with a top-k Mixture-of-Experts feed-forward on every other block (DeepSpeed-MoE for NLG)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here, as in transformers' own model files: transformers reads the runtime
+# return annotation of `forward` (the output class whose fields `output_router_logits` and the output recorder fill).
 import math
 import os
 from collections.abc import Callable
@@ -27,7 +27,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, is_torch_distributed_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -323,6 +323,75 @@ def sorted_mm_experts_forward(
 
 
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
+
+
+# Tensor parallelism of the experts (`tp_plan="auto"`), the one place GPT-MoE extends transformers' TP styles, and
+# why: transformers' `moe_tp_experts` runs every expert on each rank's shard of the intermediate dimension and sums
+# the ranks' outputs, which is right for experts without biases (every transformers MoE model with a TP plan); GPT-MoE's
+# experts have a down-projection bias, which that sum would add once per rank. "gpt_moe_tp_experts" adds it on the
+# first rank only and sums its gradient over the ranks; "gpt_moe_shard_last_dim" shards the up-projection bias
+# `(experts, intermediate)` along the intermediate dimension (`colwise` shards a parameter's second-to-last
+# dimension: the experts of a 2-D bias).
+def _register_tensor_parallel_styles() -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, MoeExpertsParallel, TensorParallelLayer
+
+    class ShardLastDim(TensorParallelLayer):
+        def shard_param(self, module, param, mesh):
+            meta = module._parameters.get(param)
+            if meta is not None:
+                sharded = distribute_tensor(meta, mesh, [Shard(meta.ndim - 1)], src_data_rank=None)
+                module._parameters[param] = nn.Parameter(sharded, requires_grad=meta.requires_grad)
+
+    class ExpertsWithBiasParallel(MoeExpertsParallel):
+        def install_forward(self, module, mesh):
+            module = super().install_forward(module, mesh)
+            group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+            hooked: list[nn.Parameter] = []
+
+            def sum_gradient(param):
+                dist.all_reduce(param.grad, group=group)
+
+            tp_forward = module.forward
+
+            def forward(*args, **kwargs):
+                # Loading replaces the parameters after `install_forward`: hook the current bias, once.
+                bias = module._parameters["down_proj_bias"]
+                if torch.is_grad_enabled() and bias.requires_grad and not any(b is bias for b in hooked):
+                    bias.register_post_accumulate_grad_hook(sum_gradient)
+                    hooked[:] = [bias]
+                return tp_forward(*args, **kwargs)
+
+            module.forward = forward
+            return module
+
+        def context_around_forward(self, module, mesh):
+            return _BiasOnFirstRank(super().context_around_forward(module, mesh), module, mesh)
+
+    class _BiasOnFirstRank:
+        """Inside the local-parameters context: the down-projection bias is zero on every rank but the first (the
+        ranks' outputs are summed, so it enters once)."""
+
+        def __init__(self, local_parameters, module, mesh):
+            self.local_parameters, self.module, self.mesh = local_parameters, module, mesh
+
+        def __enter__(self):
+            self.local_parameters.__enter__()
+            self.bias = self.module._parameters["down_proj_bias"]
+            if self.mesh.get_local_rank() != 0:
+                self.module._parameters["down_proj_bias"] = self.bias * 0
+
+        def __exit__(self, *exc_info):
+            self.module._parameters["down_proj_bias"] = self.bias
+            return self.local_parameters.__exit__(*exc_info)
+
+    ALL_PARALLEL_STYLES.register("gpt_moe_shard_last_dim", ShardLastDim())
+    ALL_PARALLEL_STYLES.register("gpt_moe_tp_experts", ExpertsWithBiasParallel())
+
+
+if is_torch_distributed_available():
+    _register_tensor_parallel_styles()
 
 
 class GPTMoERouter(nn.Module):
