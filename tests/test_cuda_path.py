@@ -132,8 +132,6 @@ def paused(counter: CountSyncs, fn):
     return run
 
 
-
-
 @pytest.mark.parametrize("speculate", [True, False])
 @pytest.mark.parametrize("cache", [0, 2, 8])  # none, partial (several routed: gather + renumber), the whole layer
 def test_a_routed_moe_call_reads_the_device_once(cache, speculate, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ The modules, each with one job (arrows point one way, from the top down):
     store.py      CPU / NVMe / checkpoint stores: reads, manifest, checksums, fingerprints, writability
     transfer.py   host-to-device copies: copy stream, events, staging buffers (the only CUDA stream user)
     pages.py      page mapping, populate, drop (Linux; libc loaded on first use)
+    quantize.py   low-bit stores: which matrices, packing, dequantization on the device, dequantized_copy
     layout.py     where every byte of a unit lives (no I/O)
     discovery.py  blocks, units, tied parameters, experts modules and routers (pure functions)
     stats.py      OffloadStats
@@ -24,12 +25,14 @@ from __future__ import annotations
 from .api import disable_offload, enable_offload, get_offload_stats, offloaded
 from .config import OffloadConfig
 from .loading import load_offloaded
+from .quantize import dequantized_copy
 from .stats import OffloadStats
 
 
 __all__ = [
     "OffloadConfig",
     "OffloadStats",
+    "dequantized_copy",
     "disable_offload",
     "enable_offload",
     "get_offload_stats",

@@ -11,7 +11,6 @@ from torch import nn
 from .config import OffloadConfig, resolve_execution_device
 from .runtime import OffloadRuntime
 from .stats import OffloadStats
-from .store import weights_fingerprint
 
 
 RUNTIME_ATTR = "_hf_moe_offload_state"
@@ -48,7 +47,7 @@ def attach(model: nn.Module, runtime: OffloadRuntime, source=None, fingerprint=N
             raise ValueError(f"{meta[0]} is on the meta device: enable_offload needs the weights; use load_offloaded")
         source = runtime.source
         if config.offload_device == "nvme":
-            fingerprint = weights_fingerprint(runtime.plans, source)
+            fingerprint = runtime.weights_fingerprint()
     runtime.attach(model, source, fingerprint, checkpoint_plans)
     setattr(model, RUNTIME_ATTR, runtime)
 

@@ -73,7 +73,7 @@ class Binding:
         key = (unit, *slot.view_key)
         views = self._views.get(key)
         if views is None:
-            views = self._views[key] = self.views_of(slot.plan, slot.region)
+            views = self._views[key] = self.views_of(slot.view_plan, slot.view_region)
         return views
 
     # -- binding ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ logger = logging.get_logger(__name__)
 
 _OFFLOAD_DEVICES = ("cpu", "nvme")
 _EXPERT_FETCH = ("routed", "all")
+_WEIGHT_BITS = (8, 4)
 
 
 @dataclass
@@ -76,6 +77,14 @@ class OffloadConfig:
             store, CUDA): see `benchmarks/README.md`.
         dtype: the dtype `load_offloaded` loads the weights in when its `dtype=` argument is not given (set by
             `from_deepspeed` from an enabled `bf16` / `fp16` section); not used by `enable_offload`.
+        weight_bits: `None` (the default) stores every weight as it is, exactly. `8` or `4`: the matrices (the weights
+            of the linear layers, the output head, the fused experts) are stored group-wise quantized (asymmetric
+            round-to-nearest, as ZeRO-Inference's 4-bit release), so a fetch moves about `bits / 16` of the bf16
+            bytes; they are dequantized on the execution device, and the model then equals, bit for bit,
+            `hf_moe_offload.offload.dequantized_copy(model, config)` (see `quantize.py`). Embeddings that are not the
+            head's, norms, biases and routers stay in the model's dtype.
+        weight_group_size: the weights along a matrix's input dimension that share one step and minimum (a power of
+            two dividing every quantized matrix's input dimension).
     """
 
     offload_device: str = "cpu"
@@ -96,6 +105,8 @@ class OffloadConfig:
     speculative_prefetch: bool = True
     expert_break_even: float | None = None
     dtype: torch.dtype | None = None
+    weight_bits: int | None = None
+    weight_group_size: int = 64
     chunk_bytes: int = field(default=16 << 20, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +145,13 @@ class OffloadConfig:
             raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be a multiple of 4096")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"dtype ({self.dtype!r}) must be a torch.dtype (e.g. torch.bfloat16) or None")
+        if self.weight_bits is not None and (
+            isinstance(self.weight_bits, bool) or self.weight_bits not in _WEIGHT_BITS
+        ):
+            raise ValueError(f"weight_bits ({self.weight_bits!r}) must be None (full precision), 8 or 4")
+        group = self.weight_group_size
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or group & (group - 1):
+            raise ValueError(f"weight_group_size ({group!r}) must be a positive power of two (e.g. 64)")
         self.execution_device = _parse_device(self.execution_device)
 
     @classmethod
@@ -142,8 +160,12 @@ class OffloadConfig:
 
         `offload_param.device` ("cpu" | "nvme"), `nvme_path`, `pin_memory` and `buffer_count` (the number of parameter
         buffers: `prefetch_depth = buffer_count - 1`) are read, `aio.thread_count` gives `io_threads`, and an enabled
-        `bf16` / `fp16` section gives the `dtype` `load_offloaded` loads (its own `dtype=` argument wins). `"auto"`
-        (as in the transformers DeepSpeed docs) means this runtime's default. Every other key is ignored, and named in
+        `bf16` / `fp16` section gives the `dtype` `load_offloaded` loads (its own `dtype=` argument wins).
+        ZeRO-Inference's weight quantization (`weight_quantization.quantized_initialization`, or
+        `weight_quantization.post_init_quant` whose every layer pattern asks the same) gives `weight_bits`
+        (`num_bits`) and `weight_group_size` (`group_size`); it must be asymmetric (`symmetric: false`, as DeepSpeed
+        itself requires) and grouped along the input dimension (`group_dim: 1` of a linear weight). `"auto"` (as in
+        the transformers DeepSpeed docs) means this runtime's default. Every other key is ignored, and named in
         one warning.
 
         Args:
@@ -165,7 +187,9 @@ class OffloadConfig:
                 "ds_config must be a DeepSpeed config (a dict or the path of its JSON file) with a 'zero_optimization' "
                 "section (a dict)"
             )
-        ignored = [key for key in ds_config if key not in ("zero_optimization", "aio", "bf16", "fp16")]
+        ignored = [
+            key for key in ds_config if key not in ("zero_optimization", "aio", "bf16", "fp16", "weight_quantization")
+        ]
         zero = ds_config["zero_optimization"]
         ignored += [f"zero_optimization.{key}" for key in zero if key not in ("stage", "offload_param")]
         stage = zero.get("stage", 0)
@@ -217,6 +241,7 @@ class OffloadConfig:
             raise ValueError("ds_config enables both bf16 and fp16: enable at most one")
         if dtypes:
             kwargs["dtype"] = dtypes[0]
+        kwargs.update(_weight_quantization(ds_config.get("weight_quantization"), ignored))
         if ignored:
             logger.warning(f"OffloadConfig.from_deepspeed ignores these DeepSpeed config keys: {', '.join(ignored)}")
         kwargs.update(overrides)
@@ -236,6 +261,56 @@ _BOOLEANS = (
 MAX_PREFETCH_DEPTH = 64
 MAX_IO_THREADS = 256
 MAX_CHUNK_BYTES = 1 << 30
+
+
+def _weight_quantization(section: Any, ignored: list[str]) -> dict[str, Any]:
+    """`weight_bits` and `weight_group_size` from DeepSpeed's `weight_quantization` section (see `from_deepspeed`)."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"weight_quantization ({section!r}) must be a dict")
+    known = ("quantized_initialization", "post_init_quant")
+    ignored += [f"weight_quantization.{key}" for key in section if key not in known]
+    schemes: list[tuple[str, dict]] = []
+    init = section.get("quantized_initialization")
+    if init is not None:
+        schemes.append(("weight_quantization.quantized_initialization", init))
+    post = section.get("post_init_quant")
+    if post is not None:
+        if not isinstance(post, dict):
+            raise ValueError(f"weight_quantization.post_init_quant ({post!r}) must map layer names to their scheme")
+        schemes += [(f"weight_quantization.post_init_quant.{key}", value) for key, value in post.items()]
+    found = []
+    for where, scheme in schemes:
+        if not isinstance(scheme, dict):
+            raise ValueError(f"{where} ({scheme!r}) must be a dict with num_bits, group_size, group_dim, symmetric")
+        bits, group = scheme.get("num_bits"), scheme.get("group_size")
+        if bits not in _WEIGHT_BITS or isinstance(bits, bool):
+            raise ValueError(f"{where}.num_bits ({bits!r}) must be 8 or 4")
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise ValueError(f"{where}.group_size ({group!r}) must be an integer")
+        if scheme.get("symmetric", False) is not False:
+            raise ValueError(
+                f"{where}.symmetric ({scheme['symmetric']!r}) must be false: the store quantizes asymmetrically "
+                f"(DeepSpeed's quantizer supports only that too)"
+            )
+        if scheme.get("group_dim", 1) != 1:
+            raise ValueError(
+                f"{where}.group_dim ({scheme['group_dim']!r}) must be 1: groups run along a linear weight's input "
+                f"dimension"
+            )
+        ignored += [
+            f"{where}.{key}" for key in scheme if key not in ("num_bits", "group_size", "group_dim", "symmetric")
+        ]
+        found.append((bits, group))
+    if not found:
+        return {}
+    if len(set(found)) > 1:
+        raise ValueError(
+            f"weight_quantization asks for several schemes ({sorted(set(found))} as (num_bits, group_size)): the store "
+            f"quantizes every matrix with one scheme"
+        )
+    return {"weight_bits": found[0][0], "weight_group_size": found[0][1]}
 
 
 def _enabled(ds_config: dict, key: str) -> bool:

@@ -40,6 +40,7 @@ from transformers.utils import logging
 
 from . import pages, routing
 from .layout import ExpertLayout, ReadRange, UnitPlan
+from .quantize import ExpertCodec, PlanCodec
 from .readers import SPECULATIVE, URGENT, PriorityReaders
 from .stats import OffloadStats
 from .transfer import Transfer
@@ -143,9 +144,19 @@ class _ExpertLayer:
     """The experts of one MoE layer while offloaded: what is on the device, the policy, the fetches."""
 
     def __init__(
-        self, context: ExpertsContext, module: nn.Module, plan: UnitPlan, layout: ExpertLayout, implementation: Callable
+        self,
+        context: ExpertsContext,
+        module: nn.Module,
+        plan: UnitPlan,
+        layout: ExpertLayout,
+        implementation: Callable,
+        decoder: ExpertCodec | None = None,
     ):
         self.context = context
+        # a low-bit store: `layout` places the packed experts in the store, `view_layout` the full-precision ones
+        # the model computes with, and `decoder` dequantizes the first into the second on the device
+        self.decoder = decoder
+        self.view_layout = decoder.compute if decoder is not None else layout
         self.stats = context.stats
         self.policy: RoutingPolicy | None = None
         self.module = module
@@ -154,7 +165,7 @@ class _ExpertLayer:
         self.num_experts = layout.num_experts
         self.top_k = int(getattr(module.config, "num_experts_per_tok", None) or 1)
         self.forward_impl = implementation  # the model's own experts implementation
-        self.names = [spec.name for spec in layout.group.params]
+        self.names = [spec.name for spec in self.view_layout.group.params]
         self.attrs = [name.rpartition(".")[2] for name in self.names]
         self.requires_grad = [context.requires_grad[name] for name in self.names]
         self.capacity = min(context.cache_size, self.num_experts)
@@ -255,6 +266,7 @@ class _ExpertLayer:
         stats = self.stats
         stats.expert_bytes_fetched += self.layout.nbytes
         stats.bytes_fetched += self.layout.nbytes
+        stats.full_precision_bytes += self.view_layout.nbytes
         if self.context.transfer.cuda:  # each rank reads and copies the experts it routed, whole
             stats.host_to_device_bytes += self.layout.nbytes
 
@@ -296,9 +308,7 @@ class _ExpertLayer:
         `_run` needs of them."""
         raise NotImplementedError
 
-    def _run(
-        self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask
-    ) -> torch.Tensor:
+    def _run(self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask) -> torch.Tensor:
         raise NotImplementedError
 
     def _after(self, routed: list[int]) -> None:
@@ -317,15 +327,19 @@ class _VirtualExperts(_ExpertLayer):
     reads or copies the expert into its rows). Evicting unmaps the pages (`MADV_DONTNEED`). The weights are views of
     the whole region, so the model's implementation runs with the original expert ids: no gather, no renumbering."""
 
-    def __init__(self, context, module, plan, layout, implementation):
-        super().__init__(context, module, plan, layout, implementation)
+    def __init__(self, context, module, plan, layout, implementation, decoder=None):
+        super().__init__(context, module, plan, layout, implementation, decoder)
         self.file_backed = context.map_pages  # only ever set for a file store
         nbytes = layout.num_experts * layout.stride
         if self.file_backed:
             self.data = context.store.map_lazily(ReadRange(plan.key, layout.offset, 0, nbytes))
         else:
             self.data = pages.reserve(nbytes)
-        views = layout.views(self.data, layout.num_experts)
+        # a low-bit store: the full-precision experts in a region of their own, decoded from the packed pages
+        self.decoded = None
+        if decoder is not None:
+            self.decoded = pages.reserve(layout.num_experts * self.view_layout.stride)
+        views = self.view_layout.views(self.data if self.decoded is None else self.decoded, layout.num_experts)
         self.views = [nn.Parameter(v, grad) for v, grad in zip(views, self.requires_grad, strict=True)]
         self.transient: list[int] = []
 
@@ -334,13 +348,19 @@ class _VirtualExperts(_ExpertLayer):
         return self.data[start : start + self.layout.nbytes]
 
     def _load(self, expert: int) -> None:
-        """On an I/O thread: make one expert's pages resident."""
+        """On an I/O thread: make one expert's pages resident (of a low-bit store: its packed pages, dequantized
+        into its full-precision pages, then dropped)."""
+        stride = self.layout.stride
         if self.file_backed:
             self.context.store.populate(self._pages(expert), self.plan.key)
-            return
-        stride = self.layout.stride
-        rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
-        self.context.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
+        else:
+            rng = ReadRange(self.plan.key, self.layout.offset + expert * stride, 0, self.layout.nbytes)
+            self.context.store.read(rng, self.data[expert * stride : (expert + 1) * stride], 0, rng.nbytes)
+        if self.decoder is not None:
+            packed = self.data[expert * stride : (expert + 1) * stride]
+            full = self.view_layout.stride
+            self.decoder.decode(packed, 1, self.decoded[expert * full : (expert + 1) * full])
+            pages.drop(packed)
 
     def _start_fetch(self, expert: int, priority: int) -> None:
         self.resident[expert] = expert
@@ -355,6 +375,9 @@ class _VirtualExperts(_ExpertLayer):
             return
         start = expert * self.layout.stride
         pages.drop(self.data[start : start + self.layout.stride])
+        if self.decoded is not None:
+            start = expert * self.view_layout.stride
+            pages.drop(self.decoded[start : start + self.view_layout.stride])
 
     def _start_uncached(self, routed, uncached):
         for expert in uncached:  # no room in the cache: resident for this call, unmapped after it
@@ -378,6 +401,7 @@ class _VirtualExperts(_ExpertLayer):
         super().close()
         self.views = []
         self.data = None
+        self.decoded = None
         # the mapping closes with the last view of it (a parameter the caller may still hold would keep it)
 
 
@@ -386,10 +410,10 @@ class _CompactExperts(_ExpertLayer):
     routed rows gathered into one compact weight per call (a device-to-device copy; none when one expert is routed or
     the cache holds the whole layer), the expert ids renumbered to match."""
 
-    def __init__(self, context, module, plan, layout, implementation):
-        super().__init__(context, module, plan, layout, implementation)
+    def __init__(self, context, module, plan, layout, implementation, decoder=None):
+        super().__init__(context, module, plan, layout, implementation, decoder)
         self.transfer = context.transfer
-        self.stride = layout.stride
+        self.stride = self.view_layout.stride  # of a cache row (full precision)
         self.cache = self.transfer.device_buffer(self.capacity * self.stride)
         self.free_rows = list(range(self.capacity))
         # the whole layer cached: row e holds expert e, and the cache is the layer's fused weight as it is
@@ -403,24 +427,32 @@ class _CompactExperts(_ExpertLayer):
     ) -> None:
         """One expert's bytes into the uint8 `dst` (on the execution device), on an I/O thread. On CUDA the copy
         waits for `after` (default: the layer's last use of its cache rows) on the compute stream, and goes on the
-        high-priority copy stream when `urgent` (a miss the compute stream waits for)."""
+        high-priority copy stream when `urgent` (a miss the compute stream waits for). A low-bit store's packed
+        bytes land in a buffer of their own on the device and are dequantized from there into `dst`."""
         store = self.context.store
-        rng = ReadRange(self.plan.key, self.layout.offset + expert * self.stride, 0, self.layout.nbytes)
+        rng = ReadRange(self.plan.key, self.layout.offset + expert * self.layout.stride, 0, self.layout.nbytes)
         if not self.cuda:
-            store.read(rng, dst, 0, rng.nbytes)
+            packed = dst if self.decoder is None else torch.empty(self.layout.stride, dtype=torch.uint8)
+            store.read(rng, packed, 0, rng.nbytes)
+            if self.decoder is not None:
+                self.decoder.decode(packed, 1, dst)
             return
         with self.transfer.reused_event() as event:
             # memory the compute stream may still read
             with self.transfer.copying(after=after or self.free_event, urgent=urgent):
+                packed = dst  # (a low-bit store: allocated on the copy stream, used and freed there)
+                if self.decoder is not None:
+                    packed = torch.empty(self.layout.stride, dtype=torch.uint8, device=self.transfer.device)
                 if store.in_memory and store.pinned:
-                    store.read(rng, dst, 0, rng.nbytes)  # asynchronous from the pinned arena
+                    store.read(rng, packed, 0, rng.nbytes)  # asynchronous from the pinned arena
                 else:
                     with self.transfer.staging() as staging:
                         store.read(rng, staging, 0, rng.nbytes)
-                        dst[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
+                        packed[: rng.nbytes].copy_(staging[: rng.nbytes], non_blocking=True)
                         self.transfer.copied(event)
                         self.transfer.host_waits(event)  # the staging buffer is reused once the copy is done
-                    return
+                if self.decoder is not None:
+                    self.decoder.decode(packed, 1, dst)
                 self.transfer.copied(event)
             self.transfer.host_waits(event)  # this I/O thread only (the computing thread waits on the future)
 
@@ -463,11 +495,11 @@ class _CompactExperts(_ExpertLayer):
     def _run(self, module, routed, uncached, direct, hidden_states, top_k_index, top_k_weights, mask):
         if self.identity:
             self._wait(routed)
-            weights, ids = self.layout.views(self.cache, self.num_experts), top_k_index
+            weights, ids = self.view_layout.views(self.cache, self.num_experts), top_k_index
         elif len(routed) == 1 and not uncached:
             self._wait(routed)
             row = self.resident[routed[0]]
-            weights = self.layout.views(self.cache[row * self.stride :], 1)
+            weights = self.view_layout.views(self.cache[row * self.stride :], 1)
             ids = (top_k_index != routed[0]).to(top_k_index.dtype)  # (tokens, k): 0, or 1 past the last expert
         else:
             count = len(routed)
@@ -479,7 +511,7 @@ class _CompactExperts(_ExpertLayer):
             wait(futures)
             for future in futures:
                 future.result()
-            weights = self.layout.views(scratch, count)
+            weights = self.view_layout.views(scratch, count)
             ids = routing.renumber(top_k_index, mask, count)  # (tokens, k) renumbered, on the device
         self._bind(module, weights)
         num_experts = module.num_experts
@@ -559,6 +591,8 @@ class ExpertsRuntime:
             None where the router is unknown.
         break_even: the fraction of a layer's experts above which a forward streams whole layers.
         group: the host (gloo) process group all ranks decide with, or None.
+        codecs: a low-bit store's codecs (by the `id` of the stored plan): each layer's experts are dequantized
+            from their packed bytes as they are fetched, and cached in full precision.
     """
 
     def __init__(
@@ -570,13 +604,17 @@ class ExpertsRuntime:
         router_weights: dict[str, torch.Tensor | None],
         break_even: float,
         group=None,
+        codecs: dict[int, PlanCodec] | None = None,
     ):
         cls = _backend(context.transfer.device)
+        codecs = codecs or {}
         self.layers: list[_ExpertLayer] = []
         for plan in plans:
-            for layout in plan.experts:
+            codec = codecs.get(id(plan))
+            for k, layout in enumerate(plan.experts):
                 name = layout.group.module
-                layer = cls(context, modules[name], plan, layout, implementations[name])
+                decoder = codec.experts[k] if codec is not None else None
+                layer = cls(context, modules[name], plan, layout, implementations[name], decoder)
                 layer.router_weight = router_weights.get(name)
                 self.layers.append(layer)
         for layer, following in itertools.pairwise(self.layers):
@@ -589,7 +627,7 @@ class ExpertsRuntime:
         self.policy = RoutingPolicy(self.layers, break_even, group)
         for layer in self.layers:
             layer.policy = self.policy
-            context.stats.expert_cache_bytes += layer.capacity * layer.layout.stride
+            context.stats.expert_cache_bytes += layer.capacity * layer.view_layout.stride
             setattr(layer.module, _LAYER_ATTR, layer)
 
     def begin_forward(self, num_tokens: int | None) -> bool:

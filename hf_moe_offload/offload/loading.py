@@ -21,7 +21,7 @@ from torch import nn
 
 from .api import attach, check_config, new_runtime
 from .config import resolve_execution_device
-from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, UnitPlan, checkpoint_plans, own_tensors
+from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, checkpoint_plans
 from .ownership import conversion_folder, remove_leftovers
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
@@ -194,15 +194,14 @@ def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader,
     residues = {name: offset % TENSOR_ALIGN for name, (_, offset) in located.items()}
     runtime = new_runtime(model, config, residues)
 
-    def source(plan: UnitPlan) -> Iterator[torch.Tensor]:
-        return own_tensors(plan, loader.__getitem__)
-
+    source = runtime.stored_source(loader.__getitem__)  # (quantized tensor by tensor for a low-bit store)
     plans = None
     fingerprint = None
     if config.offload_device == "nvme":
         in_place = (
             config.reuse_checkpoint
             and not any(plan.experts for plan in runtime.plans)  # experts are stored expert-major
+            and not runtime.codecs  # a low-bit store holds other bytes than the checkpoint
             and all(name in located for name in runtime.binding.placeholders)
         )
         if in_place:

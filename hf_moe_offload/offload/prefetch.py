@@ -17,6 +17,8 @@ On the CPU execution device with an NVMe store the slots hold no buffer: each un
 maps their pages (`MADV_POPULATE_READ`, zero-copy from the page cache) and freeing the slot unmaps them again.
 
 A MoE unit has two plans: whole, and without its experts (`routed`), which then come one by one (experts.py).
+With a low-bit store a fetch moves the packed bytes, then dequantizes them into the slot's full-precision buffer (on
+the coordinator thread on the CPU, on the copy stream on CUDA) before the unit is ready (`quantize.PlanCodec`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from . import pages
 from .collective import flag_device, raise_together
 from .layout import UnitPlan, align_up
+from .quantize import PlanCodec
 from .stats import OffloadStats
 from .transfer import Transfer
 
@@ -38,10 +41,13 @@ from .transfer import Transfer
 class Slot:
     """One device buffer of the ring (or, with mapped pages, the mapping of the unit it holds)."""
 
-    def __init__(self, index: int, nbytes: int, transfer: Transfer, staging: int, mapped: bool):
+    def __init__(self, index: int, nbytes: int, transfer: Transfer, staging: int, mapped: bool, decoded: int = 0):
         self.index = index
         self.unit: int | None = None
         self.plan: UnitPlan | None = None
+        # a low-bit store: the unit's full-precision plan and the device buffer its packed bytes are dequantized into
+        self.codec: PlanCodec | None = None
+        self.decoded = transfer.device_buffer(decoded) if decoded else None
         self.future: Future | None = None
         self.bound = False
         # memory-mapped mode: (offset in the unit, uint8 tensor) for each range of the unit held, no buffer
@@ -56,11 +62,23 @@ class Slot:
     @property
     def view_key(self) -> tuple[int, int]:
         """What views of the unit's tensors in this slot depend on: with mapped pages the plan's mapping (the same at
-        every fetch), else the slot's buffer and the plan."""
-        return (-1 if self.mapped is not None else self.index, id(self.plan))
+        every fetch), else (and for a low-bit unit, whose views are of the slot's decoded buffer) the slot's buffer
+        and the plan."""
+        return (-1 if self.mapped is not None and self.codec is None else self.index, id(self.plan))
+
+    @property
+    def view_plan(self) -> UnitPlan | None:
+        """The plan the unit's parameters view: the full-precision one of a quantized unit, else the stored one."""
+        return self.codec.compute if self.codec is not None else self.plan
+
+    def view_region(self, offset: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` at `offset` of the buffer of `view_plan`."""
+        if self.codec is not None:
+            return self.decoded[offset : offset + nbytes]
+        return self.region(offset, nbytes)
 
     def region(self, offset: int, nbytes: int) -> torch.Tensor:
-        """`nbytes` at `offset` of the unit held, as a uint8 tensor."""
+        """`nbytes` at `offset` of the unit held (its stored bytes), as a uint8 tensor."""
         if self.mapped is None:
             return self.buffer[offset : offset + nbytes]
         start, data = next((s, d) for s, d in self.mapped if s <= offset < s + d.numel())
@@ -94,6 +112,7 @@ class FetchPipeline:
         map_files: bool = False,
         verify: bool = False,
         flags=None,
+        codecs: dict[int, PlanCodec] | None = None,
     ):
         """
         Args:
@@ -109,6 +128,8 @@ class FetchPipeline:
                 `collective.host_group`; used only from this pipeline's coordinator thread).
             map_files: on the CPU device, map the store's pages instead of reading them into slot buffers.
             verify: check the CRC of a unit's store files before each fetch of it (`OffloadConfig.verify_reads`).
+            codecs: for a low-bit store, the codec of each plan (by `id`) whose packed bytes are dequantized into
+                the slot's full-precision buffer once fetched (on the device: on CUDA on the copy stream).
         """
         self.plans = plans
         self.verify = verify
@@ -128,6 +149,13 @@ class FetchPipeline:
         every = plans + [p.dense for p in plans if p.dense is not None]
         self._share = {id(p): align_up(-(-p.nbytes // self.world)) for p in every}
         self._payload = {id(p): sum(r.nbytes for r in p.ranges) for p in every}
+        self.codecs = codecs or {}
+        # the full-precision bytes each fetch stands for (of a low-bit plan: its full-precision plan's)
+        self._full_payload = {
+            id(p): sum(r.nbytes for r in (self.codecs[id(p)].compute if id(p) in self.codecs else p).ranges)
+            for p in every
+        }
+        decoded_bytes = max((codec.compute.nbytes for codec in self.codecs.values()), default=0)
         slot_bytes = max(self._share[id(p)] * self.world for p in plans)
         staging_bytes = max(self._share[id(p)] for p in plans)  # each rank stages only its share
         direct_copy = store.in_memory and self.world == 1  # CPU arenas copy straight to the device
@@ -135,9 +163,11 @@ class FetchPipeline:
             map_files and self.device.type == "cpu" and self.world == 1 and store.mappable and pages.supported()
         )
         if self.device.type == "cuda" and not self.map_files:
-            check_slots_fit(slot_bytes, depth + 1, torch.cuda.mem_get_info(self.device)[0], self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            check_slots_fit(slot_bytes + decoded_bytes, depth + 1, free, self.device)
         self.slots = [
-            Slot(i, slot_bytes, transfer, 0 if direct_copy else staging_bytes, self.map_files) for i in range(depth + 1)
+            Slot(i, slot_bytes, transfer, 0 if direct_copy else staging_bytes, self.map_files, decoded_bytes)
+            for i in range(depth + 1)
         ]
         self.free: deque[Slot] = deque(self.slots)
         self.resident: dict[int, Slot] = {}
@@ -145,7 +175,7 @@ class FetchPipeline:
         self.recording: list[int] = []
         self.pos = -1
         self.stats = stats
-        stats.slot_bytes = 0 if self.map_files else slot_bytes * len(self.slots)
+        stats.slot_bytes = (0 if self.map_files else slot_bytes * len(self.slots)) + decoded_bytes * len(self.slots)
         stats.staging_bytes += sum(slot.staging.numel() for slot in self.slots if slot.staging is not None)
         self._mappings: dict[int, tuple[list, list[tuple[int, torch.Tensor]]]] = {}
         self._readers = readers
@@ -219,11 +249,13 @@ class FetchPipeline:
             for run in entry[0]:
                 self.store.populate_run(run)
             slot.runs, slot.mapped = entry
+            self._decode(slot)
             return
         if slot.staging is None and not self.transfer.cuda:  # the CPU device: read straight into the slot
             self._read_share(plan, slot.buffer)
             if self.world > 1:
                 self._all_gather(slot.buffer, plan)
+            self._decode(slot)
             return
         with self.transfer.copying(after=slot.free_event):  # the previous unit in this slot has finished computing
             if slot.staging is None:
@@ -239,15 +271,23 @@ class FetchPipeline:
                 self.stats.host_to_device_bytes += share
                 if self.world > 1:
                     self._all_gather(slot.buffer, plan)
+            self._decode(slot)  # queued on the copy stream after the copy
             self.transfer.copied(slot.ready_event)
+
+    @staticmethod
+    def _decode(slot: Slot) -> None:
+        """A low-bit unit: dequantize its packed bytes into the slot's full-precision buffer."""
+        if slot.codec is not None:
+            slot.codec.decode(slot.region, slot.decoded)
 
     def _submit(self, unit: int, slot: Slot) -> None:
         plan = self.plan_of(unit)
-        slot.unit, slot.plan = unit, plan
+        slot.unit, slot.plan, slot.codec = unit, plan, self.codecs.get(id(plan))
         slot.future = self._coordinator.submit(self._fetch, plan, slot)
         self.resident[unit] = slot
         self.stats.units_fetched += 1
         self.stats.bytes_fetched += self._payload[id(plan)]
+        self.stats.full_precision_bytes += self._full_payload[id(plan)]
         self.stats.peak_resident_units = max(self.stats.peak_resident_units, len(self.resident))
 
     # -- the computing thread ---------------------------------------------------------------------------------------
@@ -267,6 +307,7 @@ class FetchPipeline:
             except RuntimeError:  # the coordinator is shut down (closing, or the interpreter is exiting)
                 self._unmap_pages(slot.runs)
         slot.unit, slot.plan, slot.future, slot.bound, slot.mapped, slot.runs = None, None, None, False, None, []
+        slot.codec = None
         self.free.append(slot)
 
     def drain(self) -> None:

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
@@ -49,10 +49,19 @@ from .layout import (
     tensor_bytes,
 )
 from .prefetch import FetchPipeline
+from .quantize import (
+    PlanCodec,
+    QuantScheme,
+    codecs_of,
+    dequantize_into,
+    packed_getter,
+    quantization_targets,
+    stored_specs,
+)
 from .readers import PriorityReaders
 from .saving import StateDictHooks, guard_save, unguard_save
 from .stats import OffloadStats
-from .store import CheckpointStore, CpuStore, open_nvme_store, read_tensor
+from .store import CheckpointStore, CpuStore, open_nvme_store, read_tensor, weights_fingerprint
 from .transfer import Transfer, small_to_device
 
 
@@ -212,9 +221,23 @@ class OffloadRuntime:
                 if p.device.type == "cpu" and p.numel()
             }
         self.tensor_align = tensor_alignment(device)
-        if device.type == "cuda":
-            residues = {}
-        self.plans = plan_units(unit_specs, groups, residues, self.tensor_align)
+        # a low-bit store: the matrices stored as their packed parts, dequantized into full-precision buffers
+        self.scheme = QuantScheme(config.weight_bits, config.weight_group_size) if config.weight_bits else None
+        self.targets = quantization_targets(model, self.scheme) if self.scheme is not None else {}
+        if device.type == "cuda" or self.targets:
+            residues = {}  # (the reference of a quantized store, `dequantized_copy`, holds fresh allocations)
+        # the full-precision plans: what the model's parameters view while their unit runs
+        self.compute_plans = plan_units(unit_specs, groups, residues, self.tensor_align)
+        self.plans = self.compute_plans  # the plans of the store's bytes
+        self.codecs: dict[int, PlanCodec] = {}
+        if self.targets:
+            stored_units = [(name, stored_specs(specs, self.targets)) for name, specs in unit_specs]
+            stored_groups = {
+                index: [ExpertGroup(g.module, tuple(stored_specs(list(g.params), self.targets))) for g in unit_groups]
+                for index, unit_groups in groups.items()
+            }
+            self.plans = plan_units(stored_units, stored_groups, {}, self.tensor_align)
+            self.codecs = codecs_of(self.plans, self.compute_plans, self.targets)
         self.binding = Binding(parameters, owned, device)
         self.router_names = {name: router_weight_name(model, name) for name in self.experts_modules}
         self.counters = OffloadStats()
@@ -238,7 +261,7 @@ class OffloadRuntime:
         self._forward_owner: int | None = None
         self.stored_units = {
             name: plan.index
-            for plan in reversed(self.plans)
+            for plan in reversed(self.compute_plans)
             for name in [spec.name for spec, _ in plan.tensors]
             + [spec.name for layout in plan.experts for spec in layout.group.params]
         }
@@ -249,7 +272,28 @@ class OffloadRuntime:
 
     def source(self, plan: UnitPlan) -> Iterator[torch.Tensor]:
         """The CPU tensors of `plan`'s own region from the model's weights in memory (`enable_offload`)."""
-        return own_tensors(plan, lambda name: self.binding.originals[name].detach().cpu())
+        return self.stored_source(self._original)(plan)
+
+    def _original(self, name: str) -> torch.Tensor:
+        return self.binding.originals[name].detach().cpu()
+
+    def weights_fingerprint(self) -> dict:
+        """The fingerprint of the model's weights in memory (of the full-precision weights: a quantized store is
+        told apart by its scheme, `fingerprint`)."""
+        return weights_fingerprint(self.compute_plans, lambda plan: own_tensors(plan, self._original))
+
+    def stored_source(self, get: Callable[[str], torch.Tensor]) -> TensorSource:
+        """The source of the store's plans from `get(name)` of the full-precision weights: a quantized matrix is
+        quantized as its unit is written (one unit's packed bytes held at a time)."""
+        if not self.targets:
+            return lambda plan: own_tensors(plan, get)
+        return lambda plan: own_tensors(plan, packed_getter(get, self.targets))
+
+    def fingerprint(self, fingerprint: dict | None) -> dict | None:
+        """`fingerprint` with the store's quantization scheme: a store of another scheme is stale."""
+        if fingerprint is None or self.scheme is None:
+            return fingerprint
+        return {**fingerprint, "quantization": self.scheme.name}
 
     # -- attach / detach ----------------------------------------------------------------------------------------
 
@@ -257,6 +301,7 @@ class OffloadRuntime:
         """Build the store, point every parameter at its placeholder, move buffers, add the hooks."""
         config = self.config
         group = self.group = process_group(config)
+        fingerprint = self.fingerprint(fingerprint)
         transfer = self.transfer = Transfer(self.device, pin=config.pin_memory)
         try:
             if checkpoint_plans is not None:
@@ -291,6 +336,7 @@ class OffloadRuntime:
                 map_files=config.map_files and not config.direct_io,
                 verify=config.verify_reads,
                 flags=self.fetch_flags,
+                codecs=self.codecs,
             )
             self.binding.install_placeholders()
             self.resident_bytes += self.binding.move_resident(self.device)
@@ -308,7 +354,7 @@ class OffloadRuntime:
             _close_resources(self.experts, self.pipeline, self.readers, self.store, transfer, self._host_groups())
             raise
         for index, (_, module) in enumerate(self.unit_modules):
-            plan = self.plans[index]
+            plan = self.compute_plans[index]
             gather = type(module) is nn.Embedding and module.max_norm is None and len(plan.tensors) == 1
             add_hook_to_module(module, (EmbeddingHook if gather else UnitHook)(self, index))
         add_hook_to_module(model, RootHook(self, getattr(model, "_skip_keys_device_placement", None)))
@@ -351,9 +397,9 @@ class OffloadRuntime:
             placeholders=self.binding.placeholders,
             requires_grad=self.binding.requires_grad,
             cache_size=experts_module.expert_cache_rows(
-                [layout.stride for plan in self.plans for layout in plan.experts],
+                [layout.stride for plan in self.compute_plans for layout in plan.experts],
                 config.expert_cache_size,
-                [layout.num_experts for plan in self.plans for layout in plan.experts],
+                [layout.num_experts for plan in self.compute_plans for layout in plan.experts],
                 experts_module.cache_budget(self.device, config.expert_cache_bytes),
             ),
             speculative=config.speculative_prefetch,
@@ -364,7 +410,14 @@ class OffloadRuntime:
         if break_even is None:  # measured: benchmarks/README.md
             break_even = 1.0 if self.pipeline.map_files else 0.75
         self.experts = ExpertsRuntime(
-            context, self.plans, self.experts_modules, implementations, router_weights, break_even, self.decisions
+            context,
+            self.plans,
+            self.experts_modules,
+            implementations,
+            router_weights,
+            break_even,
+            self.decisions,
+            codecs=self.codecs,
         )
         self.previous_experts_implementation = implementation
         model.set_experts_implementation(experts_module.IMPLEMENTATION)
@@ -416,11 +469,28 @@ class OffloadRuntime:
         unguard_save(model)
         if self._state_dict_hooks is not None:
             self._state_dict_hooks.remove()
-        self.binding.restore(named for plan in self.plans for named in assemble(plan, self.store.tensors(plan)))
+        if self.scheme is not None:
+            logger.warning(
+                f"disable_offload puts back the dequantized values of the {self.scheme.bits}-bit store (the model now "
+                f"equals dequantized_copy(model, config)): enable_offload freed the full-precision weights"
+            )
+        self.binding.restore(self._stored_weights())
         for module, name, buffer in self.buffers:
             module._buffers[name] = buffer
         self._finalizer.detach()
         _close_resources(self.experts, self.pipeline, self.readers, self.store, self.transfer, self._host_groups())
+
+    def _stored_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, CPU tensor) of every stored weight, as the store holds it (a low-bit unit: dequantized)."""
+        for plan in self.plans:
+            codec = self.codecs.get(id(plan))
+            if codec is None:
+                yield from assemble(plan, self.store.tensors(plan))
+                continue
+            buffer = torch.empty(codec.compute.nbytes, dtype=torch.uint8)
+            codec.decode(self.store.region(plan), buffer)
+            for name, param in self.binding.views_of(codec.compute, lambda offset, n, b=buffer: b[offset : offset + n]):
+                yield name, param.detach()
 
     # -- what the hooks call --------------------------------------------------------------------------------------
 
@@ -441,28 +511,22 @@ class OffloadRuntime:
             self.release(unit)
 
     def gather_rows(self, unit: int, ids: torch.Tensor) -> torch.Tensor:
-        """Bind the rows of the embedding table of `unit` that `ids` use; returns `ids` renumbered into them."""
-        plan = self.plans[unit]
-        ((spec, offset),) = plan.tensors
-        rng = next(r for r in plan.ranges if r.dst_offset <= offset < r.dst_offset + r.nbytes)
-        table_start = rng.src_offset + (offset - rng.dst_offset)
+        """Bind the rows of the embedding table of `unit` that `ids` use; returns `ids` renumbered into them. A
+        quantized table (a head's tied matrix) brings the rows of its parts, dequantized on the device."""
+        ((spec, _),) = self.compute_plans[unit].tensors
+        target = self.targets.get(spec.name)
+        parts = target.parts() if target is not None else (spec,)
         # the ids reach the host once (the rows to read depend on them); the rest is host work, then queued copies
         unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
-        row_bytes = spec.nbytes // spec.shape[0]
-        # read straight into page-locked memory on CUDA: the copy to the device is then queued, not a host wait
-        rows = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype, pin_memory=self.device.type == "cuda")
-        buffer = tensor_bytes(rows)
+        gathered = []
         error = None
         try:
-            for k, row in enumerate(unique.tolist()):
+            for row in unique.tolist():
                 if not 0 <= row < spec.shape[0]:
                     raise IndexError(
                         f"index {row} is out of range for the embedding {spec.name} of {spec.shape[0]} rows"
                     )
-                start = k * row_bytes
-                read = ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes)
-                self.store.read(read, buffer, start, start + row_bytes, check=False)
-            self.store.check_identity(rng.source)  # once for all the rows
+            gathered = [self._read_rows(unit, part, unique.tolist()) for part in parts]
         except Exception as err:
             if self.group is None:
                 raise
@@ -470,10 +534,34 @@ class OffloadRuntime:
         if self.group is not None:  # every rank reads its own rows: one failing must not leave the others waiting
             # (a host group: its flags live on the CPU)
             raise_together(self.decisions, error, torch.device("cpu"), f"reading rows of {spec.name}")
-        self.counters.bytes_fetched += buffer.numel()
-        param = nn.Parameter(small_to_device(rows, self.device), self.binding.requires_grad[spec.name])
-        self.binding.bind(unit, plan.name, [(spec.name, param)])
+        self.counters.bytes_fetched += sum(rows.numel() * rows.element_size() for rows in gathered)
+        self.counters.full_precision_bytes += len(unique) * (spec.nbytes // spec.shape[0])
+        on_device = [small_to_device(rows, self.device) for rows in gathered]
+        if target is None:
+            (table,) = on_device
+        else:
+            table = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype, device=self.device)
+            dequantize_into(table, *on_device, target)
+        param = nn.Parameter(table, self.binding.requires_grad[spec.name])
+        self.binding.bind(unit, self.plans[unit].name, [(spec.name, param)])
         return small_to_device(inverse, ids.device)
+
+    def _read_rows(self, unit: int, spec: TensorSpec, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` of the stored tensor `spec` of `unit`, read from the store into a CPU tensor (page-locked on
+        CUDA: its copy to the device is then queued, not a host wait)."""
+        plan = self.plans[unit]
+        offset = next(o for s, o in plan.tensors if s.name == spec.name)
+        rng = next(r for r in plan.ranges if r.dst_offset <= offset < r.dst_offset + r.nbytes)
+        table_start = rng.src_offset + (offset - rng.dst_offset)
+        row_bytes = spec.nbytes // spec.shape[0]
+        out = torch.empty((len(rows), *spec.shape[1:]), dtype=spec.dtype, pin_memory=self.device.type == "cuda")
+        buffer = tensor_bytes(out)
+        for k, row in enumerate(rows):
+            start = k * row_bytes
+            read = ReadRange(rng.source, table_start + row * row_bytes, start, row_bytes)
+            self.store.read(read, buffer, start, start + row_bytes, check=False)
+        self.store.check_identity(rng.source)  # once for all the rows
+        return out
 
     def begin_forward(self, num_tokens: int | None = None) -> None:
         """Start a forward: wait for another thread's forward of this model to end (`finish_forward`), put back
@@ -516,9 +604,20 @@ class OffloadRuntime:
 
     def stored_tensors(self, unit: int) -> dict[str, torch.Tensor]:
         """Every tensor `unit` brings, as the store holds it (views, no copy), after the store verified it."""
+        self.check_savable()
         plan = self.plans[unit]
         self.store.verify(plan)
         return {name: _own_storage(p.detach()) for name, p in self.binding.views_of(plan, self.store.region(plan))}
+
+    def check_savable(self) -> None:
+        """Refuse to save a low-bit store's weights as if they were the model's."""
+        if self.scheme is not None:
+            raise RuntimeError(
+                f"this model's store holds {self.scheme.bits}-bit weights (OffloadConfig.weight_bits): a state dict "
+                f"would hold their dequantized values in place of the model's own weights, so state_dict and "
+                f"save_pretrained refuse while it is offloaded. To save the dequantized model on purpose, build it in "
+                f"memory with hf_moe_offload.offload.dequantized_copy(model, config) and save that"
+            )
 
     def store_files(self) -> list[str]:
         return self.store.source_files()

@@ -37,6 +37,7 @@ class Runtime(Protocol):
     def stored_unit_of(self, name: str) -> int: ...
     def stored_tensors(self, unit: int) -> dict[str, torch.Tensor]: ...
     def store_files(self) -> list[str]: ...
+    def check_savable(self) -> None: ...
 
 
 class StateDictHooks:
@@ -107,6 +108,7 @@ def guard_save(model: nn.Module, runtime: Runtime) -> None:
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
+        runtime.check_savable()  # before transformers writes anything
         check_save_target(os.fspath(save_directory), runtime.store_files())
         if not args:  # (max_shard_size is keyword-only in practice; a positional call keeps transformers' default)
             kwargs.setdefault("max_shard_size", SAVE_SHARD_SIZE)

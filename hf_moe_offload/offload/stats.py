@@ -18,6 +18,8 @@ class OffloadStats:
 
     Attributes:
         bytes_fetched: bytes copied into the execution device's slots.
+        full_precision_bytes: the bytes `bytes_fetched` stand for in the model's dtype: larger with a low-bit store
+            (`OffloadConfig.weight_bits`), whose fetches move packed bytes; equal otherwise.
         host_to_device_bytes: bytes this process itself copied from host memory into its CUDA device's slots:
             with several processes its share of each unit only (the rest arrives by the all-gather); 0 on the CPU.
         units_fetched: unit fetches started (prefetched or on demand).
@@ -50,6 +52,7 @@ class OffloadStats:
     """
 
     bytes_fetched: int = 0
+    full_precision_bytes: int = 0
     host_to_device_bytes: int = 0
     units_fetched: int = 0
     fetch_wait_seconds: float = 0.0
@@ -73,6 +76,11 @@ class OffloadStats:
     whole_layer_forwards: int = 0
     expert_cache_bytes: int = field(default=0, metadata=GAUGE)
     staging_bytes: int = field(default=0, metadata=GAUGE)
+
+    @property
+    def fetched_fraction(self) -> float:
+        """`bytes_fetched / full_precision_bytes`: the fraction of the full-precision bytes a low-bit store moves."""
+        return self.bytes_fetched / self.full_precision_bytes if self.full_precision_bytes else 1.0
 
     @property
     def expert_hit_rate(self) -> float:

@@ -1,0 +1,346 @@
+"""Low-bit stores: which matrices are stored group-wise quantized, how they are packed, and how a fetched unit's packed
+bytes are dequantized on the execution device into the layout the model computes with.
+
+The scheme is DeepSpeed ZeRO-Inference's (2023) group-wise asymmetric round-to-nearest: each group of `group_size`
+consecutive weights along a matrix's input dimension keeps its minimum `m` and its step `s = (max - min) / (2**bits -
+1)`; a weight `w` is stored as `q = round((w - m) / s)` in `bits` bits (two 4-bit values per byte, the even input
+first in the low nibble) and reads back as `q * s + m`, computed in float32 (one multiplication, then one addition:
+the same two roundings on every device) and rounded once to the model's dtype. `s` and `m` are kept in the model's
+dtype for 16-bit models (as DeepSpeed keeps them) and in float32 for float32 models.
+
+Quantized: the weights of every `nn.Linear` and transformers `Conv1D` of a unit (the output head included; an input
+embedding tied to it is the same matrix, its rows dequantized as they are gathered) and the v5 fused experts' weights,
+expert by expert. Not quantized: other embeddings, norms, biases, routers. A quantized matrix `<name>` is stored as
+three tensors `<name>__qweight`, `<name>__scales`, `<name>__mins`, with the input dimension last (a `Conv1D`'s and a
+transposed experts module's weights are stored transposed).
+
+`dequantized_copy(model, config)` is the reference a quantized offloaded model equals bit for bit: the same model in
+memory with every quantized weight replaced by its dequantized value.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .discovery import find_experts_modules, find_parameters, find_units, is_under, router_class
+from .layout import ExpertLayout, TensorSpec, UnitPlan
+
+
+SUFFIXES = ("__qweight", "__scales", "__mins")
+# dequantize in pieces of about this many weights: bounded temporaries, and pieces that stay in the CPU's caches
+_PIECE = 1 << 18
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Group-wise asymmetric round-to-nearest with `bits` bits per weight and `group_size` weights per group."""
+
+    bits: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        """How the store's manifest records the scheme (a store of another scheme is stale)."""
+        return f"rtn-asym-int{self.bits}-g{self.group_size}"
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """One matrix stored quantized: its full-precision spec, where its input dimension is (-1, or -2 for a
+    `Conv1D` / transposed experts weight), and the scheme."""
+
+    spec: TensorSpec
+    input_dim: int
+    scheme: QuantScheme
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def rows_shape(self) -> tuple[int, ...]:
+        """The matrix with its input dimension last."""
+        shape = self.spec.shape
+        return shape if self.input_dim == -1 else (*shape[:-2], shape[-1], shape[-2])
+
+    def parts(self) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+        """The stored tensors: packed values, per-group steps and minimums."""
+        *lead, inputs = self.rows_shape()
+        groups = inputs // self.scheme.group_size
+        meta = self.spec.dtype if self.spec.dtype.itemsize == 2 else torch.float32
+        return (
+            TensorSpec(self.name + SUFFIXES[0], torch.uint8, (*lead, inputs * self.scheme.bits // 8)),
+            TensorSpec(self.name + SUFFIXES[1], meta, (*lead, groups)),
+            TensorSpec(self.name + SUFFIXES[2], meta, (*lead, groups)),
+        )
+
+
+def check_scheme_of(model_name: str, name: str, shape: tuple[int, ...], input_dim: int, scheme: QuantScheme) -> None:
+    inputs = shape[input_dim]
+    if inputs % scheme.group_size:
+        raise ValueError(
+            f"weight_group_size ({scheme.group_size}) must divide the input dimension of every quantized matrix: "
+            f"{name} of {model_name} has shape {tuple(shape)}, {inputs} inputs; choose a power of two that divides "
+            f"them (or weight_bits=None)"
+        )
+    if scheme.bits == 4 and inputs % 2:
+        raise ValueError(f"4-bit weights are packed two per byte: {name} has an odd input dimension ({inputs})")
+
+
+def quantization_targets(model: nn.Module, scheme: QuantScheme) -> dict[str, QuantTarget]:
+    """The matrices of `model`'s units stored quantized under `scheme`, by parameter name (the canonical name of a
+    tied weight); a ValueError naming the tensor when one cannot be grouped, or when there is none."""
+    parameters = find_parameters(model)
+    units = [name for name, _ in find_units(model)]
+    canonical = {id(p): name for name, p in parameters.originals.items()}
+    routers = router_class(model)
+    found: dict[str, tuple[torch.Tensor, int]] = {}
+    for module in model.modules():
+        if routers is not None and isinstance(module, routers):
+            continue
+        if isinstance(module, nn.Linear):
+            input_dim = -1
+        elif isinstance(module, Conv1D):
+            input_dim = -2  # weight (inputs, outputs)
+        else:
+            continue
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            found.setdefault(canonical[id(weight)], (weight, input_dim))
+    for _, module, attrs in find_experts_modules(model):
+        input_dim = -2 if getattr(module, "is_transposed", False) else -1
+        for attr in attrs:
+            weight = module._parameters[attr]
+            if weight.dim() == 3:
+                found.setdefault(canonical[id(weight)], (weight, input_dim))
+    targets = {}
+    for name, (weight, input_dim) in found.items():
+        if not weight.dtype.is_floating_point or not any(
+            is_under(path, unit) for path in parameters.paths[name] for unit in units
+        ):
+            continue
+        check_scheme_of(type(model).__name__, name, tuple(weight.shape), input_dim, scheme)
+        targets[name] = QuantTarget(TensorSpec(name, weight.dtype, tuple(weight.shape)), input_dim, scheme)
+    if not targets:
+        raise ValueError(
+            f"weight_bits={scheme.bits} asks for a quantized store, but {type(model).__name__} has no matrix it can "
+            f"group (the weights of nn.Linear or transformers Conv1D modules, the v5 fused experts): use weight_bits="
+            f"None"
+        )
+    return targets
+
+
+# -- packing --------------------------------------------------------------------------------------------------------
+
+
+def quantize(target: QuantTarget, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored parts (packed values, steps, minimums) of `weight`, a CPU tensor of `target`'s shape."""
+    scheme = target.scheme
+    if tuple(weight.shape) != target.spec.shape:
+        raise RuntimeError(f"{target.name}: got shape {tuple(weight.shape)}, the store expects {target.spec.shape}")
+    w = weight.detach().to(torch.float32)
+    if target.input_dim == -2:
+        w = w.transpose(-1, -2)
+    *lead, inputs = w.shape
+    g = scheme.group_size
+    w = w.reshape(*lead, inputs // g, g)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{target.name} holds non-finite values (inf or NaN): it cannot be quantized")
+    _, s_part, m_part = target.parts()
+    low = w.amin(-1)
+    step = (w.amax(-1) - low) / scheme.levels
+    # the stored step and minimum, then the values against exactly those (what dequantization will use)
+    step = step.to(s_part.dtype)
+    low = low.to(m_part.dtype)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every value is its minimum
+    q = (w - low.to(torch.float32).unsqueeze(-1)) / step.to(torch.float32).unsqueeze(-1)
+    q = q.round_().clamp_(0, scheme.levels).to(torch.uint8).reshape(*lead, inputs)
+    if scheme.bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return q.contiguous(), step.contiguous(), low.contiguous()
+
+
+def _unpack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q
+    return torch.stack((q & 15, q >> 4), dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
+
+
+def dequantize_into(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
+    """Write the dequantized weights of the parts `(q, step, low)` into `out` (a tensor of `target`'s shape, or of any
+    number of leading experts more or fewer), on their device. Works on strided views (the expert-major layout)."""
+    scheme = target.scheme
+    rows = out.transpose(-1, -2) if target.input_dim == -2 else out
+    lead = rows.shape[:-2]
+    for index in itertools.product(*(range(n) for n in lead)):
+        _dequantize_rows(rows[index], q[index], step[index], low[index], scheme)
+
+
+def _dequantize_rows(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, scheme: QuantScheme):
+    count, inputs = out.shape
+    g = scheme.group_size
+    per_piece = max(1, _PIECE // inputs)
+    for start in range(0, count, per_piece):
+        end = min(count, start + per_piece)
+        values = _unpack(q[start:end], scheme.bits).to(torch.float32).view(end - start, inputs // g, g)
+        values.mul_(step[start:end].to(torch.float32).unsqueeze(-1))
+        values.add_(low[start:end].to(torch.float32).unsqueeze(-1))
+        out[start:end].copy_(values.view(end - start, inputs))
+
+
+def dequantize(target: QuantTarget, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A new tensor of `target`'s shape and dtype holding the dequantized `parts`, on their device."""
+    out = torch.empty(target.spec.shape, dtype=target.spec.dtype, device=parts[0].device)
+    dequantize_into(out, *parts, target)
+    return out
+
+
+# -- the store's side -----------------------------------------------------------------------------------------------
+
+
+def stored_specs(specs: list[TensorSpec], targets: dict[str, QuantTarget]) -> list[TensorSpec]:
+    """`specs` with each quantized matrix replaced by its stored parts."""
+    return [part for spec in specs for part in (targets[spec.name].parts() if spec.name in targets else (spec,))]
+
+
+def packed_getter(get: Callable[[str], torch.Tensor], targets: dict[str, QuantTarget]) -> Callable[[str], torch.Tensor]:
+    """`get(name)` of a stored tensor from `get` of the full-precision weights: each matrix is quantized once (its
+    parts kept until this getter is dropped: one unit's packed bytes at most)."""
+    owner = {part.name: (target, i) for target in targets.values() for i, part in enumerate(target.parts())}
+    packed: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def stored(name: str) -> torch.Tensor:
+        hit = owner.get(name)
+        if hit is None:
+            return get(name)
+        target, index = hit
+        parts = packed.get(target.name)
+        if parts is None:
+            parts = packed[target.name] = quantize(target, get(target.name))
+        return parts[index]
+
+    return stored
+
+
+class PlanCodec:
+    """Turns the bytes of a stored (packed) plan into the buffer of its full-precision plan, on the device the bytes
+    are on.
+
+    Args:
+        stored: the plan of the store's bytes (quantized matrices as their parts).
+        compute: the same unit's full-precision plan (what the model's parameters view).
+        targets: the quantized matrices.
+    """
+
+    def __init__(self, stored: UnitPlan, compute: UnitPlan, targets: dict[str, QuantTarget]):
+        self.stored = stored
+        self.compute = compute
+        self.targets = targets
+        offsets = {spec.name: (spec, offset) for spec, offset in stored.tensors}
+        self._tensors = []
+        for spec, offset in compute.tensors:
+            target = targets.get(spec.name)
+            parts = target.parts() if target is not None else (spec,)
+            self._tensors.append((spec, offset, target, [offsets[part.name] for part in parts]))
+        self.experts = [ExpertCodec(s, c, targets) for s, c in zip(stored.experts, compute.experts, strict=True)]
+
+    def decode(self, region: Callable[[int, int], torch.Tensor], out: torch.Tensor) -> None:
+        """Fill the uint8 `out` (the full-precision plan's buffer) from `region(offset, nbytes)`, the stored bytes."""
+        for spec, offset, target, parts in self._tensors:
+            if target is None:
+                ((_, start),) = parts
+                out[offset : offset + spec.nbytes].copy_(region(start, spec.nbytes))
+                continue
+            views = [region(start, part.nbytes).view(part.dtype).view(part.shape) for part, start in parts]
+            dst = out[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+            dequantize_into(dst, *views, target)
+        for codec in self.experts:
+            count = codec.stored.num_experts
+            src = region(codec.stored.offset, count * codec.stored.stride)
+            codec.decode(src, count, out[codec.compute.offset : codec.compute.offset + count * codec.compute.stride])
+
+
+class ExpertCodec:
+    """The same for the experts of one MoE layer: stored expert-major in packed form, decoded expert-major in full
+    precision (`stored` and `compute` are the layer's two layouts)."""
+
+    def __init__(self, stored: ExpertLayout, compute: ExpertLayout, targets: dict[str, QuantTarget]):
+        self.stored = stored
+        self.compute = compute
+        index = {spec.name: i for i, spec in enumerate(stored.group.params)}
+        self._params = []
+        for spec in compute.group.params:
+            target = targets.get(spec.name)
+            parts = target.parts() if target is not None else (spec,)
+            self._params.append((target, [index[part.name] for part in parts]))
+
+    def decode(self, src: torch.Tensor, count: int, out: torch.Tensor) -> None:
+        """`count` experts stored back to back in the uint8 `src` (`stored.stride` apart) into `out`
+        (`compute.stride` apart)."""
+        packed = self.stored.views(src, count)
+        full = self.compute.views(out, count)
+        for dst, (target, parts) in zip(full, self._params, strict=True):
+            if target is None:
+                dst.copy_(packed[parts[0]])
+            else:
+                dequantize_into(dst, *(packed[i] for i in parts), target)
+
+
+def codecs_of(stored: list[UnitPlan], compute: list[UnitPlan], targets: dict[str, QuantTarget]) -> dict[int, PlanCodec]:
+    """A codec for every stored plan (and its routed `dense` variant) whose unit brings a quantized matrix, by the
+    plan's `id`."""
+    codecs = {}
+    for s, c in zip(stored, compute, strict=True):
+        names = [spec.name for spec, _ in c.tensors] + [p.name for layout in c.experts for p in layout.group.params]
+        if not any(name in targets for name in names):
+            continue
+        codecs[id(s)] = PlanCodec(s, c, targets)
+        if s.dense is not None:
+            codecs[id(s.dense)] = PlanCodec(s.dense, c.dense, targets)
+    return codecs
+
+
+# -- the reference --------------------------------------------------------------------------------------------------
+
+
+def dequantized_weights(model: nn.Module, scheme: QuantScheme) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dequantized value) of every matrix `model` would store quantized under `scheme`."""
+    for name, target in quantization_targets(model, scheme).items():
+        weight = model.get_parameter(name)
+        yield name, dequantize(target, quantize(target, weight.detach().cpu()))
+
+
+def dequantized_copy(model: nn.Module, config) -> nn.Module:
+    """The reference a quantized offloaded model equals bit for bit: a copy of `model` in memory whose quantized
+    weights (see `OffloadConfig.weight_bits`) hold their dequantized values (same dtype, same device; tied weights
+    stay tied). `model` itself is not changed.
+
+    Args:
+        model (`torch.nn.Module`): the model in memory (not offloaded), as `enable_offload` would take it.
+        config (`OffloadConfig`): its `weight_bits` and `weight_group_size` (`weight_bits=None` gives a plain copy).
+
+    Returns:
+        `torch.nn.Module`: the copy.
+    """
+    if getattr(model, "_hf_moe_offload_state", None) is not None:
+        raise RuntimeError("dequantized_copy needs the model in memory: this one is offloaded (disable_offload first)")
+    reference = copy.deepcopy(model)
+    for param in reference.parameters():  # every weight a fresh allocation, as the offloaded model's buffers are
+        param.data = param.data.clone()
+    if config.weight_bits is None:
+        return reference
+    scheme = QuantScheme(config.weight_bits, config.weight_group_size)
+    for name, value in dequantized_weights(reference, scheme):
+        param = reference.get_parameter(name)
+        param.data = value.to(param.device)
+    return reference

@@ -1,0 +1,389 @@
+"""Low-bit stores (`OffloadConfig(weight_bits=8 | 4)`): the packing against a naive reference, and every offloaded path
+against the in-memory model with the same dequantized weights (`dequantized_copy`), bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+from helpers import nvme_path, prompts, store_config, tiny_model
+from test_offload_distributed import torchrun
+from torch import nn
+
+from hf_moe_offload import OffloadConfig, disable_offload, enable_offload, get_offload_stats, load_offloaded
+from hf_moe_offload.offload import dequantized_copy
+from hf_moe_offload.offload.layout import TensorSpec
+from hf_moe_offload.offload.quantize import QuantScheme, QuantTarget, dequantize, quantization_targets, quantize
+
+
+GROUP = 16  # divides every input dimension of the tiny models (32, 48, 64, 128)
+
+
+# -- the scheme, against a naive reference -----------------------------------------------------------------------
+
+
+def naive_quantize(matrix: torch.Tensor, bits: int, group: int, meta: torch.dtype):
+    """Group by group, element by element: DeepSpeed's asymmetric scheme as its description says."""
+    levels = 2**bits - 1
+    rows, inputs = matrix.shape
+    q = torch.zeros(rows, inputs, dtype=torch.int64)
+    steps = torch.zeros(rows, inputs // group, dtype=meta)
+    mins = torch.zeros(rows, inputs // group, dtype=meta)
+    for r in range(rows):
+        for g in range(inputs // group):
+            values = [float(v) for v in matrix[r, g * group : (g + 1) * group].float()]
+            # float32 arithmetic, as the description says: the range, then the step, each rounded to float32
+            high, low = torch.tensor(max(values)), torch.tensor(min(values))
+            step = ((high - low) / levels).to(meta)
+            low = low.to(meta)
+            if float(step) == 0:
+                step = torch.tensor(1.0, dtype=meta)
+            steps[r, g], mins[r, g] = step, low
+            for k, v in enumerate(values):
+                x = (torch.tensor(v, dtype=torch.float32) - low.float()) / step.float()
+                q[r, g * group + k] = int(x.round().clamp(0, levels))
+    return q, steps, mins
+
+
+def naive_dequantize(q, steps, mins, group, dtype):
+    out = torch.empty(q.shape, dtype=dtype)
+    for r in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            value = torch.tensor(float(q[r, i]), dtype=torch.float32) * steps[r, i // group].float()
+            out[r, i] = (value + mins[r, i // group].float()).to(dtype)
+    return out
+
+
+@pytest.mark.parametrize(
+    "bits, dtype, input_dim", [(8, torch.float32, -1), (4, torch.float32, -2), (4, torch.bfloat16, -1)]
+)
+def test_quantize_and_dequantize_match_the_naive_scheme(bits, dtype, input_dim):
+    weight = (torch.randn(6, 32) * 0.05).to(dtype)
+    weight[1, :GROUP] = 0.25  # a constant group reads back exactly
+    stored = weight if input_dim == -1 else weight.t().contiguous()
+    target = QuantTarget(TensorSpec("w", dtype, tuple(stored.shape)), input_dim, QuantScheme(bits, GROUP))
+    q, steps, mins = quantize(target, stored)
+    meta = dtype if dtype.itemsize == 2 else torch.float32
+    want_q, want_steps, want_mins = naive_quantize(weight, bits, GROUP, meta)
+    assert torch.equal(steps, want_steps) and torch.equal(mins, want_mins)
+    if bits == 4:  # two values per byte, the even input in the low nibble
+        assert q.shape == (6, 16)
+        assert torch.equal(q.long() & 15, want_q[:, 0::2]) and torch.equal(q.long() >> 4, want_q[:, 1::2])
+    else:
+        assert torch.equal(q.long(), want_q)
+    full = dequantize(target, (q, steps, mins))
+    want = naive_dequantize(want_q, want_steps, want_mins, GROUP, dtype)
+    assert torch.equal(full if input_dim == -1 else full.t(), want)
+    assert torch.equal(want[1, :GROUP], weight[1, :GROUP])
+    # round to nearest: no value further than half a step from the weight (slack: float32 arithmetic; for bf16 the
+    # minimum and the result each rounded to bf16, 2**-8 of the largest weight at most each)
+    slack = 1e-6 if dtype == torch.float32 else 2**-7 * float(weight.float().abs().max())
+    error = (want.float() - weight.float()).abs().view(6, 2, GROUP)
+    assert (error <= want_steps.float().unsqueeze(-1) / 2 + slack).all()
+
+
+def test_the_quantized_matrices_are_the_linear_weights_the_head_and_the_experts():
+    model = tiny_model("qwen2_moe")
+    targets = quantization_targets(model, QuantScheme(4, GROUP))
+    names = set(targets)
+    assert "lm_head.weight" in names or "model.embed_tokens.weight" in names  # the head (tied or not)
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.layers.1.mlp.experts.gate_up_proj" in names and "model.layers.1.mlp.experts.down_proj" in names
+    assert "model.layers.1.mlp.shared_expert.up_proj.weight" in names
+    assert not any("norm" in name or name.endswith("bias") for name in names)
+    assert "model.layers.1.mlp.gate.weight" not in names  # the router stays in full precision
+    gpt2 = quantization_targets(tiny_model("gpt2"), QuantScheme(8, GROUP))
+    assert gpt2["transformer.h.0.attn.c_attn.weight"].input_dim == -2  # Conv1D: (inputs, outputs)
+
+
+# -- offloaded == dequantized_copy, bit for bit -------------------------------------------------------------------
+
+# orthogonal sweep: each architecture once per bits, the store kinds and depths spread over them
+CASES = [
+    ("gpt_moe", 4, "nvme", 1),
+    ("gpt_moe", 8, "cpu", 2),
+    ("gpt2", 4, "nvme-copy", 0),
+    ("gpt2", 8, "nvme-direct", 1),
+    ("llama", 4, "cpu", 0),  # tied head: the embedding's rows are gathered from the quantized table
+    ("llama", 8, "nvme", 2),
+    ("mixtral", 4, "nvme-copy", 2),
+    ("mixtral", 8, "nvme", 0),
+    ("qwen2_moe", 4, "cpu", 1),
+    ("opt", 4, "nvme", 1),
+    ("bloom", 8, "cpu", 1),
+]
+
+
+def check_equal_to_reference(model, reference, ids):
+    with torch.no_grad():
+        want = reference(ids).logits
+        got = model(ids).logits
+    assert torch.equal(got, want), (got - want).abs().max()
+    want_tokens = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want_tokens)
+
+
+@pytest.mark.parametrize("arch, bits, kind, depth", CASES)
+def test_offloaded_low_bit_model_equals_its_dequantized_copy(arch, bits, kind, depth, tmp_path, offloaded):
+    model = tiny_model(arch)
+    config = store_config(kind, tmp_path, depth, weight_bits=bits, weight_group_size=GROUP)
+    reference = dequantized_copy(model, config)
+    offloaded(model, config)
+    check_equal_to_reference(model, reference, prompts())
+    stats = get_offload_stats(model)
+    # fp32 weights: 8 bits plus a float32 step and minimum per 16 weights is under half of their bytes
+    assert 0 < stats.bytes_fetched < 0.5 * stats.full_precision_bytes
+    assert stats.fetched_fraction == stats.bytes_fetched / stats.full_precision_bytes
+
+
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("nvme", {"expert_cache_size": 0}),
+        ("nvme-copy", {"expert_cache_size": 2, "speculative_prefetch": True}),
+        ("cpu", {"expert_cache_size": 8}),
+        ("nvme", {"expert_fetch": "all"}),
+        ("nvme", {"expert_break_even": 0.01}),  # every forward streams whole layers
+        ("nvme-copy", {"expert_cache_size": 2, "backend": "compact"}),  # CUDA's backend: rows gathered, renumbered
+        ("cpu", {"expert_cache_size": 0, "backend": "compact"}),
+    ],
+)
+def test_routed_experts_and_their_caches_dequantize_exactly(kind, options, tmp_path, offloaded, monkeypatch):
+    from hf_moe_offload.offload import experts as experts_module
+
+    options = dict(options)
+    if options.pop("backend", None) == "compact":
+        monkeypatch.setattr(experts_module, "_backend", lambda device: experts_module._CompactExperts)
+    model = tiny_model("gpt_moe")
+    config = store_config(kind, tmp_path, 1, weight_bits=4, weight_group_size=GROUP, **options)
+    reference = dequantized_copy(model, config)
+    offloaded(model, config)
+    check_equal_to_reference(model, reference, prompts())
+    stats = get_offload_stats(model)
+    if options.get("expert_fetch") != "all" and "expert_break_even" not in options:
+        assert stats.expert_bytes_fetched > 0
+
+
+def test_full_precision_bytes_are_what_the_full_precision_store_moves(tmp_path, offloaded):
+    ids = prompts()
+    moved = []
+    for bits in (None, 4):
+        model = tiny_model("llama")
+        offloaded(model, store_config("nvme", tmp_path / str(bits), 1, weight_bits=bits, weight_group_size=GROUP))
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        moved.append(get_offload_stats(model))
+        disable_offload(model)
+    assert moved[1].full_precision_bytes == moved[0].bytes_fetched == moved[0].full_precision_bytes
+    assert moved[1].bytes_fetched < 0.3 * moved[0].bytes_fetched
+
+
+@pytest.mark.parametrize("kind", ["cpu", "nvme"])
+def test_load_offloaded_quantizes_the_checkpoint_tensor_by_tensor(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "ckpt")
+    config = OffloadConfig(
+        offload_device=kind, nvme_path=nvme_path(kind, tmp_path), weight_bits=4, weight_group_size=GROUP
+    )
+    reference = dequantized_copy(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval(), config)
+    model = load_offloaded(tmp_path / "ckpt", config).eval()
+    try:
+        check_equal_to_reference(model, reference, prompts())
+    finally:
+        disable_offload(model)
+    for name, param in reference.named_parameters():
+        assert torch.equal(model.get_parameter(name), param), name
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+
+
+def store_files(path):
+    """Each unit file's identity and the checksum its manifest records."""
+    crcs = {key: entry["crc32"] for key, entry in json.loads((path / "manifest.json").read_text())["files"].items()}
+    return {
+        entry.name: (os.stat(entry.path).st_ino, os.stat(entry.path).st_mtime_ns, crcs[entry.name.split(".")[0]])
+        for entry in os.scandir(path)
+        if entry.name.startswith("unit_")
+    }
+
+
+def test_the_manifest_records_the_scheme_and_another_scheme_rebuilds_the_store(tmp_path, caplog):
+    path = tmp_path / "store"
+    model = tiny_model("llama")
+    files = []
+    caplog.set_level("WARNING")
+    for bits, group in [(4, GROUP), (4, GROUP), (8, GROUP), (4, 32), (None, GROUP)]:
+        config = OffloadConfig(offload_device="nvme", nvme_path=path, weight_bits=bits, weight_group_size=group)
+        reference = dequantized_copy(model, config)
+        copy = dequantized_copy(model, OffloadConfig())
+        enable_offload(copy, config)
+        manifest = json.loads((path / "manifest.json").read_text())
+        expected = QuantScheme(bits, group).name if bits else None
+        assert manifest["fingerprint"].get("quantization") == expected
+        check_equal_to_reference(copy, reference, prompts())
+        files.append(store_files(path))
+        disable_offload(copy)
+    assert files[1] == files[0]  # the same scheme: reused
+    # another scheme, another group size, full precision: stale, rebuilt (the blocks' bytes differ)
+    assert caplog.text.count("holds other weights (stale): rebuilding it") == 3
+    for other in files[2:]:
+        assert other["unit_00001.safetensors"][2] != files[0]["unit_00001.safetensors"][2]
+
+
+def test_disable_offload_puts_back_the_dequantized_weights_and_says_so(tmp_path, caplog):
+    model = tiny_model("gpt_moe")
+    config = store_config("nvme", tmp_path, 1, weight_bits=8, weight_group_size=GROUP)
+    reference = dequantized_copy(model, config)
+    params = dict(model.named_parameters())
+    enable_offload(model, config)
+    model.generate(prompts(), max_new_tokens=3, do_sample=False)
+    with caplog.at_level("WARNING"):
+        disable_offload(model)
+    assert "dequantized values of the 8-bit store" in caplog.text
+    for name, param in model.named_parameters():
+        assert param is params[name]
+        assert torch.equal(param, reference.get_parameter(name)), name
+
+
+def test_saving_a_low_bit_model_is_refused_before_anything_is_written(tmp_path, offloaded):
+    model = offloaded(tiny_model("llama"), store_config("cpu", tmp_path, 1, weight_bits=4, weight_group_size=GROUP))
+    with pytest.raises(RuntimeError, match="4-bit weights"):
+        model.state_dict()
+    with pytest.raises(RuntimeError, match="dequantized_copy"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, rule",
+    [
+        ("weight_bits", 3, "None \\(full precision\\), 8 or 4"),
+        ("weight_bits", True, "None \\(full precision\\), 8 or 4"),
+        ("weight_bits", "4", "None \\(full precision\\), 8 or 4"),
+        ("weight_group_size", 0, "a positive power of two"),
+        ("weight_group_size", 48, "a positive power of two"),
+        ("weight_group_size", -64, "a positive power of two"),
+        ("weight_group_size", 64.0, "a positive power of two"),
+    ],
+)
+def test_bad_low_bit_fields_are_refused(field, value, rule):
+    with pytest.raises(ValueError, match=rf"{field} \({value!r}\) must be {rule}"):
+        OffloadConfig(**{field: value})
+
+
+def test_a_group_size_that_does_not_divide_a_matrix_names_it_before_any_write(tmp_path):
+    model = tiny_model("llama")  # hidden size 32
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", weight_bits=4, weight_group_size=64)
+    with pytest.raises(ValueError, match=r"weight_group_size \(64\) must divide .*q_proj.weight .* 32 inputs"):
+        enable_offload(model, config)
+    assert not (tmp_path / "store").exists() or not os.listdir(tmp_path / "store")
+    assert getattr(model, "_hf_moe_offload_state", None) is None
+    with pytest.raises(ValueError, match="must divide"):
+        dequantized_copy(model, config)
+
+
+def test_a_model_without_matrices_to_group_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    class NoMatrices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(ValueError, match="weight_bits=4 asks for a quantized store, but NoMatrices has no matrix"):
+        enable_offload(NoMatrices(), OffloadConfig(weight_bits=4))
+
+
+def test_dequantized_copy_refuses_an_offloaded_model(tmp_path, offloaded):
+    model = offloaded(tiny_model("gpt2"), OffloadConfig(weight_bits=8, weight_group_size=GROUP))
+    with pytest.raises(RuntimeError, match="needs the model in memory"):
+        dequantized_copy(model, OffloadConfig(weight_bits=8, weight_group_size=GROUP))
+
+
+# -- DeepSpeed's section ------------------------------------------------------------------------------------------
+
+ZERO = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+
+
+def test_from_deepspeed_reads_zero_inference_weight_quantization():
+    scheme = {"num_bits": 4, "group_size": 64, "group_dim": 1, "symmetric": False}
+    config = OffloadConfig.from_deepspeed({**ZERO, "weight_quantization": {"quantized_initialization": scheme}})
+    assert (config.weight_bits, config.weight_group_size) == (4, 64)
+    post = {"post_init_quant": {"fc": {**scheme, "num_bits": 8}, "attn": {**scheme, "num_bits": 8}}}
+    config = OffloadConfig.from_deepspeed({**ZERO, "weight_quantization": post})
+    assert (config.weight_bits, config.weight_group_size) == (8, 64)
+    assert OffloadConfig.from_deepspeed(ZERO).weight_bits is None
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"quantized_initialization": {"num_bits": 3, "group_size": 64}}, r"num_bits \(3\) must be 8 or 4"),
+        (
+            {"quantized_initialization": {"num_bits": 4, "group_size": 64, "symmetric": True}},
+            r"symmetric \(True\) must be false",
+        ),
+        (
+            {"quantized_initialization": {"num_bits": 4, "group_size": 64, "group_dim": 0}},
+            r"group_dim \(0\) must be 1",
+        ),
+        (
+            {"post_init_quant": {"fc": {"num_bits": 4, "group_size": 64}, "attn": {"num_bits": 8, "group_size": 64}}},
+            "several schemes",
+        ),
+        ({"quantized_initialization": {"num_bits": 4, "group_size": 48}}, r"weight_group_size \(48\)"),
+    ],
+)
+def test_from_deepspeed_refuses_what_the_store_cannot_do(section, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadConfig.from_deepspeed({**ZERO, "weight_quantization": section})
+
+
+# -- several processes --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_two_processes_share_a_low_bit_store(tmp_path):
+    model = tiny_model("gpt_moe")
+    model.save_pretrained(tmp_path / "ckpt")
+    reference = dequantized_copy(model, OffloadConfig(weight_bits=4, weight_group_size=GROUP))
+    ids = prompts()
+    torch.save({"ids": ids, "tokens": reference.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
+    script = tmp_path / "quantized_generate.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+        import os
+        import torch
+        import torch.distributed as dist
+        from hf_moe_offload import OffloadConfig, load_offloaded
+
+        dist.init_process_group("gloo")
+        reference = torch.load({str(tmp_path / "ref.pt")!r})
+        config = OffloadConfig(
+            offload_device="nvme", nvme_path={str(tmp_path / "store")!r}, weight_bits=4, weight_group_size={GROUP}
+        )
+        model = load_offloaded({str(tmp_path / "ckpt")!r}, config).eval()
+        tokens = model.generate(reference["ids"], max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, reference["tokens"]), (tokens, reference["tokens"])
+        open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
+        dist.destroy_process_group()
+        """
+        )
+    )
+    result = torchrun(script, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
