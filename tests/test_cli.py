@@ -208,6 +208,29 @@ def test_bench_compares_in_memory_and_offloaded_runs_side_by_side(tmp_path, caps
     assert out.count("| yes |") == 4 and "| NO |" not in out  # offloaded tokens = in-memory tokens
 
 
+def test_bench_and_generate_with_a_low_bit_store(tmp_path, capsys):
+    results = tmp_path / "bench.json"
+    systems = ["--systems", "in-memory", "offload-nvme", "--nvme-path", str(tmp_path / "store")]
+    code = main(["bench", str(DEMO_MODEL), *systems, "--batch-sizes", "1", "--max-new-tokens", "4", "--repeats", "1",
+                 "--weight-bits", "4", "--json", str(results)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4-bit store, group 64 (in-memory: the same dequantized weights" in out
+    (row,) = [r for r in json.loads(results.read_text())["results"] if r["system"] == "offload-nvme"]
+    assert 0 < row["fetched_fraction"] < 0.3  # 4 bits plus two float32 per 64 weights, of float32 weights
+    assert f"{row['mb_fetched_per_step']:.1f} ({row['fetched_fraction']:.2f}x)" in out
+    assert out.count("| yes |") == 1 and "| NO |" not in out  # the dequantized model's tokens
+    code = main(["generate", str(DEMO_MODEL), "--prompt", "import os", "--max-new-tokens", "4", "--weight-bits", "8",
+                 "--weight-group-size", "32"])  # fmt: skip
+    report = capsys.readouterr().out.split("---\n", 1)[1]
+    assert code == 0 and "MB at full precision" not in report and "at full precision" in report
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompt", "x", "--weight-bits", "3")
+    assert code == 2 and "weight_bits (3) must be None (full precision), 8 or 4" in err
+    code, err = cli_error(capsys, "generate", str(DEMO_MODEL), "--prompt", "x", "--weight-bits", "4",
+                          "--weight-group-size", "256")  # fmt: skip
+    assert code == 2 and "weight_group_size (256) must divide the input dimension" in err
+
+
 def test_card_command_writes_and_refreshes_the_card(tmp_path, capsys):
     GPTMoEForCausalLM(GPTMoEConfig.from_preset("tiny-moe")).save_pretrained(tmp_path)
     assert main(["card", str(tmp_path), "--license", "apache-2.0", "--datasets", "some/data", "--repo-id", "me/m"]) == 0

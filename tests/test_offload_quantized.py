@@ -289,6 +289,21 @@ def test_a_group_size_that_does_not_divide_a_matrix_names_it_before_any_write(tm
         dequantized_copy(model, config)
 
 
+def test_load_offloaded_checks_the_groups_before_reading_the_checkpoint(tmp_path, monkeypatch):
+    import transformers
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "ckpt")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("from_pretrained ran before the check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", weight_bits=8, weight_group_size=64)
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight of GPT2LMHeadModel .* 32 inputs"):
+        load_offloaded(tmp_path / "ckpt", config)
+    assert not (tmp_path / "store").exists() or not os.listdir(tmp_path / "store")
+
+
 def test_a_model_without_matrices_to_group_is_refused():
     class Block(nn.Module):
         def __init__(self):

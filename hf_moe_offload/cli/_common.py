@@ -105,6 +105,8 @@ def offload_config(args: argparse.Namespace, offload: str, nvme_path: str | None
             nvme_path=nvme_path,
             execution_device=args.device,
             prefetch_depth=args.prefetch_depth,
+            weight_bits=args.weight_bits,
+            weight_group_size=args.weight_group_size,
             **moe,
         )
     except ValueError as err:
@@ -247,7 +249,12 @@ def offload_report(stats, phases: list[Phase]) -> list[str]:
     steps = sum(p.steps for p in phases)
     lines = [
         f"fetched {stats.bytes_fetched / 1e6:.1f} MB ({stats.bytes_fetched / max(steps, 1) / 1e6:.2f} MB per step), "
-        f"store reads {sum(stats.store_read_bytes.values()) / 1e6:.1f} MB",
+        f"store reads {sum(stats.store_read_bytes.values()) / 1e6:.1f} MB"
+        + (
+            f"; at full precision {stats.full_precision_bytes / 1e6:.1f} MB ({stats.fetched_fraction:.2f}x moved)"
+            if stats.full_precision_bytes != stats.bytes_fetched
+            else ""
+        ),
         f"fetch stalls {stats.device_wait_seconds:.3f} s"
         + (f" ({100 * stats.device_wait_seconds / seconds:.0f}% of the generation phase)" if seconds > 0 else ""),
     ]
@@ -273,6 +280,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--trust-remote-code", action="store_true", help="run a checkpoint's own code files")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    low_bit = parser.add_argument_group("low-bit store")
+    low_bit.add_argument(
+        "--weight-bits", type=int, metavar="{8,4}", help="store the matrices in 8 or 4 bits (default: as they are)"
+    )
+    low_bit.add_argument(
+        "--weight-group-size", type=int, default=64, metavar="N", help="weights per quantization group (default 64)"
+    )
     moe = parser.add_argument_group("MoE models only")
     moe.add_argument("--expert-fetch", choices=("routed", "all"), help="fetch the routed experts (default) or all")
     moe.add_argument("--expert-cache-size", type=int, metavar="N", help="experts kept on the device per layer")

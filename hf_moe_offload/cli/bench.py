@@ -72,6 +72,10 @@ def _measure(args: argparse.Namespace, system: str) -> list[dict]:
                                **loading)  # fmt: skip
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, **loading)
+        if args.weight_bits is not None:  # the reference of a low-bit store: the same dequantized weights
+            from ..offload import dequantized_copy
+
+            model = dequantized_copy(model, offload_config(args, "cpu", None))
         model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     load_seconds = time.perf_counter() - started
@@ -105,6 +109,7 @@ def _measure(args: argparse.Namespace, system: str) -> list[dict]:
         result["peak_memory"] = peak_memory(device)
         if stats is not None:
             result["mb_fetched_per_step"] = stats.bytes_fetched / max(phase.steps, 1) / 1e6
+            result["fetched_fraction"] = stats.fetched_fraction  # of the full-precision bytes (a low-bit store)
             result["stall_fraction"] = stats.device_wait_seconds / max(phase.generation_seconds, 1e-9)
             routed = stats.expert_cache_hits + stats.expert_cache_misses
             result["expert_hit_rate"] = stats.expert_hit_rate if routed else None
@@ -199,7 +204,13 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"{args.model}: greedy, {args.prompt_tokens} prompt tokens, {args.max_new_tokens} new tokens, dtype "
         f"{args.dtype}, prefetch depth {args.prefetch_depth}; tokens/s of the generation phase, median of "
-        f"{args.repeats} (min-max)",
+        f"{args.repeats} (min-max)"
+        + (
+            f"; {args.weight_bits}-bit store, group {args.weight_group_size} (in-memory: the same dequantized "
+            f"weights; MB fetched/step with its fraction of the full-precision bytes)"
+            if args.weight_bits is not None
+            else ""
+        ),
         "",
         "| system | batch | tokens/s | x in-memory | MB fetched/step | fetch stalls | expert hit rate | peak memory "
         "| same tokens |",
@@ -210,6 +221,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         same = "-" if not ref or ref is r else ("yes" if ref["tokens_sha1"] == r["tokens_sha1"] else "NO")
         fetched = f"{r['mb_fetched_per_step']:.1f}" if "mb_fetched_per_step" in r else "-"
+        if args.weight_bits is not None and "fetched_fraction" in r:
+            fetched += f" ({r['fetched_fraction']:.2f}x)"
         stalls = f"{100 * r['stall_fraction']:.0f}%" if "stall_fraction" in r else "-"
         hits = f"{100 * r['expert_hit_rate']:.0f}%" if r.get("expert_hit_rate") is not None else "-"
         speed = f"{r['tokens_per_s']:.2f} ({r['tokens_per_s_min']:.2f}-{r['tokens_per_s_max']:.2f})"

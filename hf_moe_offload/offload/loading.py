@@ -23,6 +23,7 @@ from .api import attach, check_config, new_runtime
 from .config import resolve_execution_device
 from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, checkpoint_plans
 from .ownership import conversion_folder, remove_leftovers
+from .quantize import QuantScheme, quantization_targets
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
 
@@ -151,6 +152,7 @@ def load_offloaded(
             raise ValueError(f"load_offloaded places the weights itself: do not pass {placed}")
         from_pretrained_kwargs.pop(placed, None)
     _check_safetensors(name_or_path)
+    _check_quantizable(name_or_path, config, from_pretrained_kwargs)
     if dtype is None:
         dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
@@ -186,6 +188,23 @@ def load_offloaded(
     finally:
         shutil.rmtree(offload_folder, ignore_errors=True)
     return model
+
+
+def _check_quantizable(name_or_path: str, config, from_pretrained_kwargs: dict) -> None:
+    """A low-bit store's matrices must be groupable: checked on the model built on the meta device from its config
+    alone, before any weight is read."""
+    if config.weight_bits is None:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hub = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+    hub_kwargs = {key: from_pretrained_kwargs[key] for key in hub if key in from_pretrained_kwargs}
+    model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            model_config, trust_remote_code=hub_kwargs.get("trust_remote_code", False)
+        )
+    quantization_targets(model, QuantScheme(config.weight_bits, config.weight_group_size))
 
 
 def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader, offload_folder: str) -> None:
