@@ -11,8 +11,8 @@ dtype for 16-bit models (as DeepSpeed keeps them) and in float32 for float32 mod
 Quantized: the weights of every `nn.Linear` and transformers `Conv1D` of a unit (the output head included; an input
 embedding tied to it is the same matrix, its rows dequantized as they are gathered) and the v5 fused experts' weights,
 expert by expert. Not quantized: other embeddings, norms, biases, routers. A quantized matrix `<name>` is stored as
-three tensors `<name>__qweight`, `<name>__scales`, `<name>__mins`, with the input dimension last (a `Conv1D`'s and a
-transposed experts module's weights are stored transposed).
+three tensors `<name>__qweight`, `<name>__scales`, `<name>__mins` in the matrix's own orientation (a `Conv1D`'s and a
+transposed experts module's groups run down the columns), the values packed along the last dimension.
 
 `dequantized_copy(model, config)` is the reference a quantized offloaded model equals bit for bit: the same model in
 memory with every quantized weight replaced by its dequantized value.
@@ -68,20 +68,17 @@ class QuantTarget:
     def name(self) -> str:
         return self.spec.name
 
-    def rows_shape(self) -> tuple[int, ...]:
-        """The matrix with its input dimension last."""
-        shape = self.spec.shape
-        return shape if self.input_dim == -1 else (*shape[:-2], shape[-1], shape[-2])
-
     def parts(self) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
-        """The stored tensors: packed values, per-group steps and minimums."""
-        *lead, inputs = self.rows_shape()
-        groups = inputs // self.scheme.group_size
+        """The stored tensors: packed values (packed along the last dimension), per-group steps and minimums (a group
+        runs along the input dimension, which keeps its place)."""
+        *lead, rows, cols = self.spec.shape
+        g = self.scheme.group_size
+        groups = (*lead, rows, cols // g) if self.input_dim == -1 else (*lead, rows // g, cols)
         meta = self.spec.dtype if self.spec.dtype.itemsize == 2 else torch.float32
         return (
-            TensorSpec(self.name + SUFFIXES[0], torch.uint8, (*lead, inputs * self.scheme.bits // 8)),
-            TensorSpec(self.name + SUFFIXES[1], meta, (*lead, groups)),
-            TensorSpec(self.name + SUFFIXES[2], meta, (*lead, groups)),
+            TensorSpec(self.name + SUFFIXES[0], torch.uint8, (*lead, rows, cols * self.scheme.bits // 8)),
+            TensorSpec(self.name + SUFFIXES[1], meta, groups),
+            TensorSpec(self.name + SUFFIXES[2], meta, groups),
         )
 
 
@@ -93,8 +90,8 @@ def check_scheme_of(model_name: str, name: str, shape: tuple[int, ...], input_di
             f"{name} of {model_name} has shape {tuple(shape)}, {inputs} inputs; choose a power of two that divides "
             f"them (or weight_bits=None)"
         )
-    if scheme.bits == 4 and inputs % 2:
-        raise ValueError(f"4-bit weights are packed two per byte: {name} has an odd input dimension ({inputs})")
+    if scheme.bits == 4 and shape[-1] % 2:
+        raise ValueError(f"4-bit weights are packed two per byte: {name} has an odd last dimension ({shape[-1]})")
 
 
 def quantization_targets(model: nn.Module, scheme: QuantScheme) -> dict[str, QuantTarget]:
@@ -148,23 +145,23 @@ def quantize(target: QuantTarget, weight: torch.Tensor) -> tuple[torch.Tensor, t
     scheme = target.scheme
     if tuple(weight.shape) != target.spec.shape:
         raise RuntimeError(f"{target.name}: got shape {tuple(weight.shape)}, the store expects {target.spec.shape}")
-    w = weight.detach().to(torch.float32)
-    if target.input_dim == -2:
-        w = w.transpose(-1, -2)
-    *lead, inputs = w.shape
+    *lead, rows, cols = weight.shape
     g = scheme.group_size
-    w = w.reshape(*lead, inputs // g, g)
+    w = weight.detach().to(torch.float32)
+    # the axis of the weights of one group: the input dimension split into (groups, group_size)
+    axis = -1 if target.input_dim == -1 else -2
+    w = w.reshape(*lead, rows, cols // g, g) if axis == -1 else w.reshape(*lead, rows // g, g, cols)
     if not torch.isfinite(w).all():
         raise ValueError(f"{target.name} holds non-finite values (inf or NaN): it cannot be quantized")
     _, s_part, m_part = target.parts()
-    low = w.amin(-1)
-    step = (w.amax(-1) - low) / scheme.levels
+    low = w.amin(axis)
+    step = (w.amax(axis) - low) / scheme.levels
     # the stored step and minimum, then the values against exactly those (what dequantization will use)
     step = step.to(s_part.dtype)
     low = low.to(m_part.dtype)
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every value is its minimum
-    q = (w - low.to(torch.float32).unsqueeze(-1)) / step.to(torch.float32).unsqueeze(-1)
-    q = q.round_().clamp_(0, scheme.levels).to(torch.uint8).reshape(*lead, inputs)
+    q = (w - low.to(torch.float32).unsqueeze(axis)) / step.to(torch.float32).unsqueeze(axis)
+    q = q.round_().clamp_(0, scheme.levels).to(torch.uint8).reshape(*lead, rows, cols)
     if scheme.bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return q.contiguous(), step.contiguous(), low.contiguous()
@@ -179,23 +176,31 @@ def _unpack(q: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize_into(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
     """Write the dequantized weights of the parts `(q, step, low)` into `out` (a tensor of `target`'s shape, or of any
     number of leading experts more or fewer), on their device. Works on strided views (the expert-major layout)."""
-    scheme = target.scheme
-    rows = out.transpose(-1, -2) if target.input_dim == -2 else out
-    lead = rows.shape[:-2]
+    lead = out.shape[:-2]
     for index in itertools.product(*(range(n) for n in lead)):
-        _dequantize_rows(rows[index], q[index], step[index], low[index], scheme)
+        _dequantize_matrix(out[index], q[index], step[index], low[index], target)
 
 
-def _dequantize_rows(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, scheme: QuantScheme):
-    count, inputs = out.shape
-    g = scheme.group_size
-    per_piece = max(1, _PIECE // inputs)
-    for start in range(0, count, per_piece):
-        end = min(count, start + per_piece)
-        values = _unpack(q[start:end], scheme.bits).to(torch.float32).view(end - start, inputs // g, g)
-        values.mul_(step[start:end].to(torch.float32).unsqueeze(-1))
-        values.add_(low[start:end].to(torch.float32).unsqueeze(-1))
-        out[start:end].copy_(values.view(end - start, inputs))
+def _dequantize_matrix(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
+    """One matrix, in pieces of whole groups: every element `q * step + low` in float32, then to `out`'s dtype."""
+    bits, g = target.scheme.bits, target.scheme.group_size
+    rows, cols = out.shape
+    if target.input_dim == -1:  # groups along each row
+        per_piece = max(1, _PIECE // cols)
+        for start in range(0, rows, per_piece):
+            end = min(rows, start + per_piece)
+            values = _unpack(q[start:end], bits).to(torch.float32).view(end - start, cols // g, g)
+            values.mul_(step[start:end].to(torch.float32).unsqueeze(-1))
+            values.add_(low[start:end].to(torch.float32).unsqueeze(-1))
+            out[start:end].copy_(values.view(end - start, cols))
+        return
+    per_piece = max(1, _PIECE // (g * cols))  # groups down each column: pieces of whole groups of rows
+    for start in range(0, rows // g, per_piece):
+        end = min(rows // g, start + per_piece)
+        values = _unpack(q[start * g : end * g], bits).to(torch.float32).view(end - start, g, cols)
+        values.mul_(step[start:end].to(torch.float32).unsqueeze(1))
+        values.add_(low[start:end].to(torch.float32).unsqueeze(1))
+        out[start * g : end * g].copy_(values.view((end - start) * g, cols))
 
 
 def dequantize(target: QuantTarget, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
