@@ -11,6 +11,8 @@ Systems (each in its own process, so peak RSS is its own):
   ours-nvme-copy-dN    the checkpoint's shards read in place and copied into slot buffers by the reader threads
                        (`map_files=False`: the CUDA path's reads)
   ours-nvme-direct-dN  the NVMe store written as unit files and read with O_DIRECT into slot buffers
+  ...-w8, ...-w4       any of ours with a low-bit store (`weight_bits=8 | 4`, group 64): packed bytes read,
+                       dequantized on the device (e.g. ours-nvme-direct-d2-w4)
 
 Models: GPT-2 shaped with random weights: "355m" (GPT-2 medium: 24 layers, hidden 1024) and "1.3b" (24 layers, hidden
 2048), saved once as safetensors under --work-dir. Prompt of 4 tokens, --new-tokens new tokens, KV cache on.
@@ -48,6 +50,7 @@ SYSTEMS = [
     "ours-nvme-copy-d2",
     "ours-nvme-direct-d2",
 ]
+LOW_BIT = [f"{system}-w{bits}" for system in SYSTEMS if system.startswith("ours") for bits in (8, 4)]
 BASELINES = ("in-memory", "accelerate-disk")
 SHAPES = {"355m": {"n_embd": 1024, "n_layer": 24, "n_head": 16}, "1.3b": {"n_embd": 2048, "n_layer": 24, "n_head": 32}}
 
@@ -101,11 +104,14 @@ def child(args) -> None:
         else:
             cpu_offload(model, "cpu")
     else:
-        match = re.fullmatch(r"ours-(cpu|nvme)(-copy|-direct|-store)?-d(\d)", system)
+        match = re.fullmatch(r"ours-(cpu|nvme)(-copy|-direct|-store)?-d(\d)(?:-w(8|4))?", system)
         kind, variant, depth = match.group(1), match.group(2), int(match.group(3))
+        bits = int(match.group(4)) if match.group(4) else None
+        store = f"store-{args.model}-{args.dtype}" + (f"-w{bits}" if bits else "")
         config = OffloadConfig(
             offload_device=kind,
-            nvme_path=os.path.join(args.work_dir, f"store-{args.model}-{args.dtype}") if kind == "nvme" else None,
+            nvme_path=os.path.join(args.work_dir, store) if kind == "nvme" else None,
+            weight_bits=bits,
             prefetch_depth=depth,
             direct_io=variant == "-direct",
             map_files=variant in (None, "-store"),
@@ -154,6 +160,7 @@ def child(args) -> None:
                 read_gb_per_s=read / seconds / 1e9,
                 fetch_wait_fraction=stats.fetch_wait_seconds / seconds,
                 gb_fetched_per_step=stats.bytes_fetched / phase.steps / 1e9,
+                fetched_fraction=stats.fetched_fraction,
             )
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -164,7 +171,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=10)
-    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS + LOW_BIT)
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf_moe_offload_bench"))
     parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -207,16 +214,22 @@ def main() -> None:
                         f"peak RSS {row['peak_rss_gb']:.2f} GB{extra}",
                         flush=True,
                     )
-    print("\n| model | dtype | batch | system | tokens/s | x in-memory | x accelerate-disk | read GB/s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | dtype | batch | system | tokens/s | x in-memory | x accelerate-disk | read GB/s | GB/step "
+        "(x full precision) | peak RSS GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         key = (row["model"], row["dtype"], row["batch"])
         base = {r["system"]: r["tokens_per_s"] for r in results if (r["model"], r["dtype"], r["batch"]) == key}
         ratios = [f"{row['tokens_per_s'] / base[name]:.2f}" if name in base else "-" for name in BASELINES]
         read = f"{row['read_gb_per_s']:.2f}" if "read_gb_per_s" in row else "-"
+        step = "-"
+        if "fetched_fraction" in row:
+            step = f"{row['gb_fetched_per_step']:.3f} ({row['fetched_fraction']:.2f}x)"
         print(
             f"| {row['model']} | {row['dtype']} | {row['batch']} | {row['system']} | {row['tokens_per_s']:.2f} | "
-            f"{' | '.join(ratios)} | {read} | {row['peak_rss_gb']:.2f} |"
+            f"{' | '.join(ratios)} | {read} | {step} | {row['peak_rss_gb']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

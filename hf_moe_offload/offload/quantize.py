@@ -35,7 +35,7 @@ from .layout import ExpertLayout, TensorSpec, UnitPlan
 
 SUFFIXES = ("__qweight", "__scales", "__mins")
 # dequantize in pieces of about this many weights: bounded temporaries, and pieces that stay in the CPU's caches
-_PIECE = 1 << 18
+_PIECE = 1 << 20
 
 
 @dataclass(frozen=True)
