@@ -14,7 +14,8 @@ Systems (each in its own process; `load_offloaded` with an NVMe store, prefetch_
   routed-nocache   expert_cache_size=0 (nothing kept between steps, so no speculation either)
   routed-noswitch  expert_break_even=1.0: routed fetching at every batch size (measures the break-even)
 each with its pages mapped from the page cache (the CPU device's default) or, with the "-direct" suffix, read with
-O_DIRECT into buffers (as with a model larger than the page cache; the disk's own direct-read bandwidth is printed).
+O_DIRECT into buffers (as with a model larger than the page cache; the disk's own direct-read bandwidth is printed),
+and with the "-w8" / "-w4" suffix from a low-bit store (`weight_bits`, group 64; e.g. "routed-direct-w4").
 
 Prompts: lines of the Python standard library's own source, as UTF-8 bytes (one token per byte: there is no trained
 tokenizer offline; the weights are random, so routing has no learned structure). tokens/s counts the generation phase
@@ -45,6 +46,7 @@ from offload_generate import dd_direct  # this directory is on sys.path when run
 
 SYSTEMS = ["all", "routed", "routed-nospec", "routed-nocache", "routed-noswitch"]
 SYSTEMS = SYSTEMS + [f"{s}-direct" for s in SYSTEMS]
+LOW_BIT = [f"{s}-w{bits}" for s in SYSTEMS for bits in (8, 4)]
 
 
 def checkpoint(work_dir: str, experts: int) -> str:
@@ -107,9 +109,17 @@ def stdlib_prompts(count: int, length: int, seed: int) -> list[bytes]:
     return prompts
 
 
+def low_bits(system: str) -> int | None:
+    """The weight bits of a low-bit system ("...-w8", "...-w4"), else None."""
+    match = re.search(r"-w(8|4)$", system)
+    return int(match.group(1)) if match else None
+
+
 def offload_config(system: str, store: str):
     from hf_moe_offload import OffloadConfig
 
+    bits = low_bits(system)
+    system = re.sub(r"-w(8|4)$", "", system)
     base = system.removesuffix("-direct")
     options = {
         "all": {"expert_fetch": "all"},
@@ -124,6 +134,7 @@ def offload_config(system: str, store: str):
         prefetch_depth=1,
         direct_io=system.endswith("-direct"),
         verify_checksums=False,  # checked when written; a full CRC pass per process would dominate the load time
+        weight_bits=bits,
         **options,
     )
 
@@ -169,7 +180,8 @@ def child(args) -> None:
 
         modeling_gpt_moe.GPTMoERouter.forward = uniform
     path = checkpoint(args.work_dir, args.experts)
-    store = os.path.join(args.work_dir, f"store-350m-moe{args.experts}-bfloat16")
+    bits = low_bits(system)
+    store = os.path.join(args.work_dir, f"store-350m-moe{args.experts}-bfloat16" + (f"-w{bits}" if bits else ""))
     load_start = time.perf_counter()
     model = load_offloaded(path, offload_config(system, store), dtype=torch.bfloat16).eval()
     load_seconds = time.perf_counter() - load_start
@@ -208,6 +220,7 @@ def child(args) -> None:
             "load_seconds": load_seconds,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gb_fetched_per_step": stats.bytes_fetched / steps / 1e9,
+            "fetched_fraction": stats.fetched_fraction,
             "active_gb": active / 1e9,
             "whole_model_gb": whole / 1e9,
             "fetched_over_active": stats.bytes_fetched / steps / active,
@@ -271,7 +284,7 @@ def main() -> None:
     )
     parser.add_argument("--trace-prompts", type=int, default=8)
     parser.add_argument("--trace-tokens", type=int, default=32)
-    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS + LOW_BIT)
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/hf_moe_offload_bench"))
     parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -329,8 +342,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        io = "-direct" if row["system"].endswith("-direct") else ""
-        base = next((r for r in rows if r["system"] == "all" + io and r["batch"] == row["batch"]), None)
+        bits = low_bits(row["system"])
+        io = "-direct" if re.sub(r"-w(8|4)$", "", row["system"]).endswith("-direct") else ""
+        same_store = "all" + io + (f"-w{bits}" if bits else "")  # tokens equal within one store's weights
+        base = next((r for r in rows if r["system"] == same_store and r["batch"] == row["batch"]), None)
         ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
         same = "" if base is None or base["tokens_digest"] == row["tokens_digest"] else " (tokens differ!)"
         print(
