@@ -16,6 +16,11 @@
 #  8 256-byte aligned tensors              CPU: store offsets; GPU: exactness rows, gpu tests (bit-exact vs memory)
 #  9 stalls timed with CUDA events         GPU: throughput rows (device_wait_fraction)
 # 10 copy streams synchronised on close    GPU: exactness rows (disable_offload right after generate), races
+#
+# Issue 16 (low-bit stores): low_bit_exactness rows (offloaded 8/4-bit == dequantized_copy on the device: the CUDA
+# dequantization equals the CPU's), low_bit_throughput rows (bf16 vs 8 vs 4 bits, dense and routed MoE, bytes per
+# step and GB/s against the pinned H2D bandwidth), and the gpu test of tests/test_offload_quantized.py. The FP8 / MXFP4
+# checkpoints of that issue are not built yet: no rows for them.
 set -u
 OUT="${OUT:-gpu_check_results}"
 mkdir -p "$OUT"

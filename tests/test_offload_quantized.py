@@ -403,3 +403,27 @@ def test_two_processes_share_a_low_bit_store(tmp_path):
     result = torchrun(script, tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+# -- on the GPU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch, bits, kind", [("gpt_moe", 4, "nvme"), ("llama", 8, "cpu"), ("mixtral", 4, "cpu")])
+def test_cuda_dequantization_equals_the_cpu_reference(arch, bits, kind, tmp_path):
+    model = tiny_model(arch).to(torch.bfloat16)
+    config = OffloadConfig(
+        offload_device=kind,
+        nvme_path=nvme_path(kind, tmp_path),
+        execution_device="cuda",
+        prefetch_depth=2,
+        expert_cache_size=2,
+        weight_bits=bits,
+        weight_group_size=GROUP,
+    )
+    reference = dequantized_copy(model, config).to("cuda")  # dequantized on the CPU
+    enable_offload(model, config)
+    try:
+        check_equal_to_reference(model, reference, prompts().to("cuda"))
+    finally:
+        disable_offload(model)

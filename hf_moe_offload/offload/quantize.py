@@ -141,30 +141,45 @@ def quantization_targets(model: nn.Module, scheme: QuantScheme) -> dict[str, Qua
 
 
 def quantize(target: QuantTarget, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stored parts (packed values, steps, minimums) of `weight`, a CPU tensor of `target`'s shape."""
-    scheme = target.scheme
+    """The stored parts (packed values, steps, minimums) of `weight`, a CPU tensor of `target`'s shape, computed in
+    pieces of whole groups (bounded temporaries: a checkpoint's largest matrix is never expanded whole)."""
     if tuple(weight.shape) != target.spec.shape:
         raise RuntimeError(f"{target.name}: got shape {tuple(weight.shape)}, the store expects {target.spec.shape}")
-    *lead, rows, cols = weight.shape
+    parts = tuple(torch.empty(spec.shape, dtype=spec.dtype) for spec in target.parts())
+    lead = weight.shape[:-2]
+    for index in itertools.product(*(range(n) for n in lead)):
+        _quantize_matrix(weight[index], target, *(part[index] for part in parts))
+    return parts
+
+
+def _quantize_matrix(weight: torch.Tensor, target: QuantTarget, q_out, step_out, low_out) -> None:
+    scheme = target.scheme
     g = scheme.group_size
-    w = weight.detach().to(torch.float32)
-    # the axis of the weights of one group: the input dimension split into (groups, group_size)
-    axis = -1 if target.input_dim == -1 else -2
-    w = w.reshape(*lead, rows, cols // g, g) if axis == -1 else w.reshape(*lead, rows // g, g, cols)
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{target.name} holds non-finite values (inf or NaN): it cannot be quantized")
-    _, s_part, m_part = target.parts()
-    low = w.amin(axis)
-    step = (w.amax(axis) - low) / scheme.levels
-    # the stored step and minimum, then the values against exactly those (what dequantization will use)
-    step = step.to(s_part.dtype)
-    low = low.to(m_part.dtype)
-    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every value is its minimum
-    q = (w - low.to(torch.float32).unsqueeze(axis)) / step.to(torch.float32).unsqueeze(axis)
-    q = q.round_().clamp_(0, scheme.levels).to(torch.uint8).reshape(*lead, rows, cols)
-    if scheme.bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q.contiguous(), step.contiguous(), low.contiguous()
+    rows, cols = weight.shape
+    # pieces of whole groups: rows of groups along the row (input_dim -1), or blocks of `g` rows (groups down columns)
+    across = target.input_dim == -1
+    unit = 1 if across else g
+    per_piece = max(1, _PIECE // (cols * unit))
+    for start in range(0, rows // unit, per_piece):
+        end = min(rows // unit, start + per_piece)
+        w = weight[start * unit : end * unit].to(torch.float32)
+        w = w.view(end - start, cols // g, g) if across else w.view(end - start, g, cols)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{target.name} holds non-finite values (inf or NaN): it cannot be quantized")
+        axis = -1 if across else 1
+        low = w.amin(axis)
+        step = (w.amax(axis) - low) / scheme.levels
+        # the stored step and minimum, then the values against exactly those (what dequantization will use)
+        step = step.to(step_out.dtype)
+        low = low.to(low_out.dtype)
+        step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every value is its minimum
+        q = (w - low.to(torch.float32).unsqueeze(axis)) / step.to(torch.float32).unsqueeze(axis)
+        q = q.round_().clamp_(0, scheme.levels).to(torch.uint8).view((end - start) * unit, cols)
+        if scheme.bits == 4:
+            q = q[:, 0::2] | (q[:, 1::2] << 4)
+        q_out[start * unit : end * unit] = q
+        step_out[start:end] = step
+        low_out[start:end] = low
 
 
 def _unpack(q: torch.Tensor, bits: int) -> torch.Tensor:
