@@ -96,6 +96,8 @@ def test_the_quantized_matrices_are_the_linear_weights_the_head_and_the_experts(
     assert "model.layers.1.mlp.shared_expert.up_proj.weight" in names
     assert not any("norm" in name or name.endswith("bias") for name in names)
     assert "model.layers.1.mlp.gate.weight" not in names  # the router stays in full precision
+    mixtral = quantization_targets(tiny_model("mixtral"), QuantScheme(8, GROUP))
+    assert not any(name.endswith("mlp.gate.weight") for name in mixtral)
     gpt2 = quantization_targets(tiny_model("gpt2"), QuantScheme(8, GROUP))
     assert gpt2["transformer.h.0.attn.c_attn.weight"].input_dim == -2  # Conv1D: (inputs, outputs)
 

@@ -10,7 +10,8 @@ dtype for 16-bit models (as DeepSpeed keeps them) and in float32 for float32 mod
 
 Quantized: the weights of every `nn.Linear` and transformers `Conv1D` of a unit (the output head included; an input
 embedding tied to it is the same matrix, its rows dequantized as they are gathered) and the v5 fused experts' weights,
-expert by expert. Not quantized: other embeddings, norms, biases, routers. A quantized matrix `<name>` is stored as
+expert by expert. Not quantized: other embeddings, norms, biases, routers (the model's declared router class, or an
+`nn.Linear` beside an experts module with one output per expert). A quantized matrix `<name>` is stored as
 three tensors `<name>__qweight`, `<name>__scales`, `<name>__mins` in the matrix's own orientation (a `Conv1D`'s and a
 transposed experts module's groups run down the columns), the values packed along the last dimension.
 
@@ -102,9 +103,16 @@ def quantization_targets(model: nn.Module, scheme: QuantScheme) -> dict[str, Qua
     units = [name for name, _ in find_units(model)]
     canonical = {id(p): name for name, p in parameters.originals.items()}
     routers = router_class(model)
+    # a router that is a plain nn.Linear: beside an experts module, one output per expert
+    gates = set()
+    for experts_name, experts, _ in find_experts_modules(model):
+        block = model.get_submodule(experts_name.rpartition(".")[0]) if "." in experts_name else model
+        for child in block.children():
+            if isinstance(child, nn.Linear) and child.out_features == experts.num_experts:
+                gates.add(id(child))
     found: dict[str, tuple[torch.Tensor, int]] = {}
     for module in model.modules():
-        if routers is not None and isinstance(module, routers):
+        if (routers is not None and isinstance(module, routers)) or id(module) in gates:
             continue
         if isinstance(module, nn.Linear):
             input_dim = -1
