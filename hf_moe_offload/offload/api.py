@@ -61,6 +61,8 @@ def enable_offload(model: nn.Module, config: OffloadConfig | None = None) -> nn.
     shape, dtype and device whose elements read NaN; buffers and the parameters of the modules above the block list
     stay on the execution device. For MoE layers in the transformers v5 experts layout only the routed experts are
     fetched (see `OffloadConfig.expert_fetch`). Undo with `disable_offload`, or use `offloaded` for a scoped block.
+    With `OffloadConfig.weight_bits` the store holds the matrices quantized: the model then equals
+    `hf_moe_offload.offload.dequantized_copy(model, config)`, and `disable_offload` puts back those dequantized values.
 
     Args:
         model (`torch.nn.Module`):

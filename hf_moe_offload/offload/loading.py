@@ -123,6 +123,8 @@ def load_offloaded(
     the store is filled tensor by tensor from the checkpoint's safetensors shards. With an NVMe store and a
     checkpoint already in `dtype`, the shards are read in place (no copy) unless `config.reuse_checkpoint=False`;
     tensors transformers must convert (another dtype, fused experts) and every MoE model are written into the store.
+    With `config.weight_bits` (a low-bit store) every matrix is quantized as it is written, tensor by tensor, and the
+    groups are checked on the model built from its config before any weight is read.
 
     Args:
         name_or_path (`str` or `os.PathLike`):
