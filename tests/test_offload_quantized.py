@@ -429,3 +429,63 @@ def test_cuda_dequantization_equals_the_cpu_reference(arch, bits, kind, tmp_path
         check_equal_to_reference(model, reference, prompts().to("cuda"))
     finally:
         disable_offload(model)
+
+
+# -- a checkpoint transformers dequantizes on load (FP8 block-wise) -----------------------------------------------
+
+
+def write_fp8_checkpoint(path, seed: int) -> None:
+    """A tiny Qwen3 whose linear weights are stored as the DeepSeek-V3 / Qwen3-FP8 releases store them: float8_e4m3fn
+    with a float32 `weight_scale_inv` per 128x128 block (`quantization_config`: quant_method "fp8")."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "head_dim": 128}
+    config = Qwen3Config(
+        **shape, num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB_FP8, tie_word_embeddings=False
+    )
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if ".layers." in name and param.dim() == 2:
+            rows, cols = param.shape
+            blocks = param.float().view(rows // 128, 128, cols // 128, 128)
+            scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
+            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols)
+            tensors[name + "_scale_inv"] = scale.view(rows // 128, cols // 128)
+        else:
+            tensors[name] = param.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    fields = config.to_dict()
+    fields.update(architectures=["Qwen3ForCausalLM"], dtype="bfloat16")
+    fields["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
+    (path / "config.json").write_text(json.dumps(fields))
+
+
+VOCAB_FP8 = 256
+
+
+def test_an_fp8_checkpoint_loads_as_transformers_dequantizes_it_and_a_changed_one_is_not_served_stale(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, VOCAB_FP8, (1, 6), generator=torch.Generator().manual_seed(0))
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
+    for seed in (0, 1):  # the second checkpoint replaces the first at the same path, with other weights
+        write_fp8_checkpoint(tmp_path / "ckpt", seed)
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # dequantized to bf16 on the CPU
+        model = load_offloaded(tmp_path / "ckpt", config).eval()
+        try:
+            manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+            assert [record[0] for record in manifest["fingerprint"]["files"]] == ["model.safetensors"]
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, reference(ids).logits)
+            tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
+            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+        finally:
+            disable_offload(model)

@@ -228,13 +228,21 @@ def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader,
         if in_place:
             plans = checkpoint_plans(runtime.plans, located, runtime.tensor_align)
         else:
-            files = sorted(
-                {
-                    e["safetensors_file"]
-                    for e in getattr(loader, "index", {}).values()
-                    if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)
-                }
-            )
+            files = {
+                os.path.abspath(e["safetensors_file"])
+                for e in getattr(loader, "index", {}).values()
+                if "safetensors_file" in e and not _in_folder(e["safetensors_file"], offload_folder)
+            }
+            if os.path.isdir(name_or_path):
+                # every shard of a local checkpoint, also those whose every tensor transformers converted (an FP8
+                # checkpoint dequantized on load leaves none of them in the loader's index): a changed shard is never
+                # served from a stale store
+                files.update(
+                    os.path.abspath(os.path.join(name_or_path, f))
+                    for f in os.listdir(name_or_path)
+                    if f.endswith(".safetensors")
+                )
+            files = sorted(files)
             model_dtype = next(iter(runtime.binding.originals.values())).dtype
             fingerprint = checkpoint_fingerprint(name_or_path, model_dtype, files)
     attach(model, runtime, source, fingerprint, plans)
