@@ -471,21 +471,65 @@ def write_fp8_checkpoint(path, seed: int) -> None:
 VOCAB_FP8 = 256
 
 
-def test_an_fp8_checkpoint_loads_as_transformers_dequantizes_it_and_a_changed_one_is_not_served_stale(tmp_path):
+@pytest.mark.parametrize("kind", ["nvme", "cpu"])
+def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, VOCAB_FP8, (1, 6), generator=torch.Generator().manual_seed(0))
-    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
+    config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), prefetch_depth=1)
     for seed in (0, 1):  # the second checkpoint replaces the first at the same path, with other weights
         write_fp8_checkpoint(tmp_path / "ckpt", seed)
         reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # dequantized to bf16 on the CPU
         model = load_offloaded(tmp_path / "ckpt", config).eval()
         try:
-            manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-            assert [record[0] for record in manifest["fingerprint"]["files"]] == ["model.safetensors"]
+            if kind == "nvme":
+                manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+                assert [record[0] for record in manifest["fingerprint"]["files"]] == ["model.safetensors"]
+                assert manifest["fingerprint"]["quantization"] == "fp8-e4m3-block128x128"
             with torch.no_grad():
                 assert torch.equal(model(ids).logits, reference(ids).logits)
+            get_offload_stats(model, reset=True)
             tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
             assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+            stats = get_offload_stats(model)
         finally:
             disable_offload(model)
+        # the blocks' matrices moved as FP8 (1 byte per weight + a float32 per 128x128 block), not as bf16
+        matrices = sum(p.numel() for n, p in reference.named_parameters() if ".layers." in n and p.dim() == 2)
+        steps = 4
+        assert stats.full_precision_bytes - stats.bytes_fetched == pytest.approx(steps * matrices, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("drop_scale", r"is FP8 but the checkpoint holds no .*_scale_inv"),
+        ("block_96_128", r"weight_block_size \[96, 128\] must divide the shape of every FP8 matrix"),
+        ("block_64_256", r"_scale_inv of .* is F32 \[2, 2\]: a float32 \(4, 1\) grid of \[64, 256\] blocks"),
+        ("per_tensor", r"weight_block_size \(None\) .* per-tensor FP8 scales are not supported"),
+    ],
+)
+def test_an_fp8_checkpoint_the_store_cannot_keep_is_refused_before_any_write(change, message, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_fp8_checkpoint(tmp_path / "ckpt", 0)
+    fields = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    if change == "drop_scale":
+        tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+        tensors.pop("model.layers.1.mlp.down_proj.weight_scale_inv")
+        save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    elif change.startswith("block_"):
+        fields["quantization_config"]["weight_block_size"] = [int(n) for n in change.split("_")[1:]]
+    else:
+        fields["quantization_config"]["weight_block_size"] = None
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(fields))
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
+    with pytest.raises(ValueError, match=message):
+        load_offloaded(tmp_path / "ckpt", config)
+    assert not (tmp_path / "store").exists() or not [p for p in os.listdir(tmp_path / "store") if "unit" in p]
+
+
+def test_weight_bits_on_an_fp8_checkpoint_is_refused(tmp_path):
+    write_fp8_checkpoint(tmp_path / "ckpt", 0)
+    with pytest.raises(ValueError, match=r"weight_bits \(4\) asks to quantize .* published quantized \(FP8"):
+        load_offloaded(tmp_path / "ckpt", OffloadConfig(weight_bits=4, weight_group_size=GROUP))

@@ -31,10 +31,13 @@ def check_config(config: OffloadConfig | None) -> OffloadConfig:
     return config
 
 
-def new_runtime(model: nn.Module, config: OffloadConfig, residues: dict[str, int] | None = None) -> OffloadRuntime:
+def new_runtime(
+    model: nn.Module, config: OffloadConfig, residues: dict[str, int] | None = None, targets: dict | None = None
+) -> OffloadRuntime:
     """The runtime that will offload `model` (nothing changed yet); the execution device is decided now. `residues`:
-    where each weight's reference copy sits relative to 64 bytes (default: where the model's own weights sit)."""
-    return OffloadRuntime(model, config, resolve_execution_device(config), residues)
+    where each weight's reference copy sits relative to 64 bytes (default: where the model's own weights sit);
+    `targets`: a checkpoint's own quantized matrices, stored as it holds them."""
+    return OffloadRuntime(model, config, resolve_execution_device(config), residues, targets)
 
 
 def attach(model: nn.Module, runtime: OffloadRuntime, source=None, fingerprint=None, checkpoint_plans=None) -> None:

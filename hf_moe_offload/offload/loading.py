@@ -18,15 +18,17 @@ from typing import Any
 import torch
 from accelerate.hooks import remove_hook_from_module
 from torch import nn
+from transformers.utils import logging
 
 from .api import attach, check_config, new_runtime
 from .config import resolve_execution_device
-from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, checkpoint_plans
+from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, TensorSpec, checkpoint_plans
 from .ownership import conversion_folder, remove_leftovers
-from .quantize import QuantScheme, quantization_targets
+from .quantize import Fp8BlockScheme, QuantScheme, QuantTarget, quantization_targets
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
 
+logger = logging.get_logger(__name__)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -155,6 +157,12 @@ def load_offloaded(
         from_pretrained_kwargs.pop(placed, None)
     _check_safetensors(name_or_path)
     _check_quantizable(name_or_path, config, from_pretrained_kwargs)
+    scheme = _checkpoint_scheme(name_or_path, from_pretrained_kwargs)  # an FP8 checkpoint, streamed as stored
+    if scheme is not None and config.weight_bits is not None:
+        raise ValueError(
+            f"weight_bits ({config.weight_bits}) asks to quantize {name_or_path}, which is published quantized "
+            f"({scheme.label}): use weight_bits=None, its weights are streamed as stored"
+        )
     if dtype is None:
         dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
@@ -186,7 +194,7 @@ def load_offloaded(
         remove_hook_from_module(model, recurse=True)
         if hasattr(model, "hf_device_map"):
             delattr(model, "hf_device_map")
-        _attach_from_checkpoint(model, config, name_or_path, loader, offload_folder)
+        _attach_from_checkpoint(model, config, name_or_path, loader, offload_folder, from_pretrained_kwargs, scheme)
     finally:
         shutil.rmtree(offload_folder, ignore_errors=True)
     return model
@@ -209,13 +217,121 @@ def _check_quantizable(name_or_path: str, config, from_pretrained_kwargs: dict) 
     quantization_targets(model, QuantScheme(config.weight_bits, config.weight_group_size))
 
 
-def _attach_from_checkpoint(model: nn.Module, config, name_or_path: str, loader, offload_folder: str) -> None:
+def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8BlockScheme | None:
+    """The scheme of a checkpoint published quantized in a format the store keeps as it is (FP8 with block scales),
+    read from its config before anything is loaded; None for a full-precision checkpoint (or, with a warning, a
+    format the store keeps as transformers dequantizes it). A clear ValueError for a block size it cannot keep."""
+    from transformers import AutoConfig
+
+    hub = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+    model_config = AutoConfig.from_pretrained(
+        name_or_path, **{key: from_pretrained_kwargs[key] for key in hub if key in from_pretrained_kwargs}
+    )
+    quantization = getattr(model_config, "quantization_config", None)
+    if quantization is None:
+        return None
+    fields = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    method = fields.get("quant_method")
+    if method != "fp8":
+        logger.warning(
+            f"{name_or_path} is quantized with quant_method {method!r}: the store keeps the weights as transformers "
+            f"loads them on this machine (dequantized), not as the checkpoint stores them (only quant_method 'fp8' "
+            f"with block scales is streamed as stored)"
+        )
+        return None
+    block = fields.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(
+            f"quantization_config.weight_block_size ({block!r}) of {name_or_path} must be two positive integers (e.g. "
+            f"[128, 128]): per-tensor FP8 scales are not supported"
+        )
+    return Fp8BlockScheme(tuple(block))
+
+
+def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pretrained_kwargs: dict):
+    """(targets, raw reader) of the FP8 checkpoint of `scheme`: the model's matrices the checkpoint holds in FP8 with
+    their block scales, each read as stored; ({}, None) without a scheme. A clear ValueError naming the tensor for
+    missing or misshapen scales, or a block size that does not divide a matrix."""
+    if scheme is None:
+        return {}, None
+    block = scheme.block
+    headers: dict[str, tuple[str, dict]] = {}
+    for path in _checkpoint_shards(name_or_path, from_pretrained_kwargs):
+        for tensor, info in read_safetensors_header(path)[1].items():
+            if tensor != "__metadata__":
+                headers[tensor] = (path, info)
+    targets: dict[str, QuantTarget] = {}
+    for name, param in model.named_parameters():
+        entry = headers.get(name)
+        if entry is None or entry[1]["dtype"] != "F8_E4M3" or param.dim() != 2:
+            continue  # converted by transformers (per-expert tensors, another name): stored as it loads them
+        scale = headers.get(name + "_scale_inv")
+        rows, cols = param.shape
+        if scale is None:
+            raise ValueError(f"{name} of {name_or_path} is FP8 but the checkpoint holds no {name}_scale_inv")
+        if rows % block[0] or cols % block[1]:
+            raise ValueError(
+                f"weight_block_size {list(block)} must divide the shape of every FP8 matrix: {name} is {rows}x{cols} "
+                f"(partial blocks are not supported)"
+            )
+        if tuple(scale[1]["shape"]) != (rows // block[0], cols // block[1]) or scale[1]["dtype"] != "F32":
+            raise ValueError(
+                f"{name}_scale_inv of {name_or_path} is {scale[1]['dtype']} {scale[1]['shape']}: a float32 "
+                f"({rows // block[0]}, {cols // block[1]}) grid of {list(block)} blocks is expected"
+            )
+        targets[name] = QuantTarget(TensorSpec(name, param.dtype, (rows, cols)), -1, scheme)
+    converted = [t for t, (_, info) in headers.items() if info["dtype"] == "F8_E4M3" and t not in targets]
+    if converted:
+        logger.warning(
+            f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are not the model's parameters as "
+            f"they are (per-expert tensors fused on load, renamed ones): the store keeps them as transformers "
+            f"dequantizes them, in full precision"
+        )
+    if not targets:
+        return {}, None
+    parts = {
+        part.name: (headers[target.name + suffix][0], target.name + suffix)
+        for target in targets.values()
+        for part, suffix in zip(target.parts(), ("", "_scale_inv"), strict=True)
+    }
+
+    def raw(part_name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, tensor = parts[part_name]
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(tensor)
+
+    return targets, raw
+
+
+def _checkpoint_shards(name_or_path: str, from_pretrained_kwargs: dict) -> list[str]:
+    """The safetensors files of a local checkpoint directory, or of a Hub checkpoint in the local cache (where
+    `from_pretrained` just put it)."""
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            name_or_path,
+            revision=from_pretrained_kwargs.get("revision"),
+            allow_patterns=["*.safetensors"],
+            local_files_only=True,
+        )
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def _attach_from_checkpoint(
+    model: nn.Module, config, name_or_path: str, loader, offload_folder: str, from_pretrained_kwargs: dict, scheme
+) -> None:
     located = _checkpoint_locations(model, loader, offload_folder)
     # each tensor where `from_pretrained` would hold it relative to a 64-byte boundary (a view of the shard's mapping)
     residues = {name: offset % TENSOR_ALIGN for name, (_, offset) in located.items()}
-    runtime = new_runtime(model, config, residues)
+    targets, raw = _quantized_checkpoint(model, name_or_path, scheme, from_pretrained_kwargs)
+    runtime = new_runtime(model, config, residues, targets)
 
-    source = runtime.stored_source(loader.__getitem__)  # (quantized tensor by tensor for a low-bit store)
+    # (quantized tensor by tensor for a low-bit store; an FP8 checkpoint's matrices read as it stores them)
+    source = runtime.stored_source(loader.__getitem__, raw)
     plans = None
     fingerprint = None
     if config.offload_device == "nvme":

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,7 @@ from .layout import ExpertLayout, TensorSpec, UnitPlan
 
 
 SUFFIXES = ("__qweight", "__scales", "__mins")
+FP8_SUFFIXES = ("__fp8", "__scale_inv")
 # dequantize in pieces of about this many weights: bounded temporaries, and pieces that stay in the CPU's caches
 _PIECE = 1 << 20
 
@@ -56,6 +57,27 @@ class QuantScheme:
     def levels(self) -> int:
         return (1 << self.bits) - 1
 
+    @property
+    def label(self) -> str:
+        return f"{self.bits}-bit"
+
+
+@dataclass(frozen=True)
+class Fp8BlockScheme:
+    """A checkpoint published in FP8 with block scales (`quantization_config.quant_method` "fp8", the DeepSeek-V3 /
+    Qwen3-FP8 layout): each matrix `float8_e4m3fn`, with a float32 `weight_scale_inv` per `block` of it; read back as
+    transformers reads it on a host without FP8 kernels, `(weight.float() * scale).to(dtype)`. Streamed as stored."""
+
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def name(self) -> str:
+        return f"fp8-e4m3-block{self.block[0]}x{self.block[1]}"
+
+    @property
+    def label(self) -> str:
+        return "FP8 (checkpoint)"
+
 
 @dataclass(frozen=True)
 class QuantTarget:
@@ -64,16 +86,23 @@ class QuantTarget:
 
     spec: TensorSpec
     input_dim: int
-    scheme: QuantScheme
+    scheme: QuantScheme | Fp8BlockScheme
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def parts(self) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+    def parts(self) -> tuple[TensorSpec, ...]:
         """The stored tensors: packed values (packed along the last dimension), per-group steps and minimums (a group
-        runs along the input dimension, which keeps its place)."""
+        runs along the input dimension, which keeps its place); of an FP8 checkpoint's matrix, its FP8 values and
+        block scales as the checkpoint holds them."""
         *lead, rows, cols = self.spec.shape
+        if isinstance(self.scheme, Fp8BlockScheme):
+            b0, b1 = self.scheme.block
+            return (
+                TensorSpec(self.name + FP8_SUFFIXES[0], torch.float8_e4m3fn, self.spec.shape),
+                TensorSpec(self.name + FP8_SUFFIXES[1], torch.float32, (*lead, rows // b0, cols // b1)),
+            )
         g = self.scheme.group_size
         groups = (*lead, rows, cols // g) if self.input_dim == -1 else (*lead, rows // g, cols)
         meta = self.spec.dtype if self.spec.dtype.itemsize == 2 else torch.float32
@@ -204,12 +233,27 @@ def _unpack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((q & 15, q >> 4), dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
 
 
-def dequantize_into(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
-    """Write the dequantized weights of the parts `(q, step, low)` into `out` (a tensor of `target`'s shape, or of any
-    number of leading experts more or fewer), on their device. Works on strided views (the expert-major layout)."""
+def dequantize_into(out: torch.Tensor, parts: Sequence[torch.Tensor], target: QuantTarget) -> None:
+    """Write the dequantized weights of the stored `parts` (as `target.parts()`) into `out` (a tensor of `target`'s
+    shape, or of any number of leading experts more or fewer), on their device. Works on strided views (the
+    expert-major layout)."""
     lead = out.shape[:-2]
+    matrix = _dequantize_fp8 if isinstance(target.scheme, Fp8BlockScheme) else _dequantize_matrix
     for index in itertools.product(*(range(n) for n in lead)):
-        _dequantize_matrix(out[index], q[index], step[index], low[index], target)
+        matrix(out[index], *(part[index] for part in parts), target)
+
+
+def _dequantize_fp8(out: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, target: QuantTarget) -> None:
+    """One FP8 matrix, in pieces of whole block rows: `values.float() * scale` (one rounding), then to `out`'s dtype,
+    as transformers' `Fp8Dequantize` computes it."""
+    b0, b1 = target.scheme.block
+    rows, cols = out.shape
+    per_piece = max(1, _PIECE // (b0 * cols))
+    for start in range(0, rows // b0, per_piece):
+        end = min(rows // b0, start + per_piece)
+        piece = values[start * b0 : end * b0].to(torch.float32).view(end - start, b0, cols // b1, b1)
+        piece = piece * scale[start:end].to(torch.float32).view(end - start, 1, cols // b1, 1)
+        out[start * b0 : end * b0].copy_(piece.view((end - start) * b0, cols))
 
 
 def _dequantize_matrix(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
@@ -234,10 +278,10 @@ def _dequantize_matrix(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, l
         out[start * g : end * g].copy_(values.view((end - start) * g, cols))
 
 
-def dequantize(target: QuantTarget, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def dequantize(target: QuantTarget, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A new tensor of `target`'s shape and dtype holding the dequantized `parts`, on their device."""
     out = torch.empty(target.spec.shape, dtype=target.spec.dtype, device=parts[0].device)
-    dequantize_into(out, *parts, target)
+    dequantize_into(out, parts, target)
     return out
 
 
@@ -249,9 +293,14 @@ def stored_specs(specs: list[TensorSpec], targets: dict[str, QuantTarget]) -> li
     return [part for spec in specs for part in (targets[spec.name].parts() if spec.name in targets else (spec,))]
 
 
-def packed_getter(get: Callable[[str], torch.Tensor], targets: dict[str, QuantTarget]) -> Callable[[str], torch.Tensor]:
+def packed_getter(
+    get: Callable[[str], torch.Tensor],
+    targets: dict[str, QuantTarget],
+    raw: Callable[[str], torch.Tensor] | None = None,
+) -> Callable[[str], torch.Tensor]:
     """`get(name)` of a stored tensor from `get` of the full-precision weights: each matrix is quantized once (its
-    parts kept until this getter is dropped: one unit's packed bytes at most)."""
+    parts kept until this getter is dropped: one unit's packed bytes at most). The parts of a checkpoint's own
+    quantized matrices (FP8) come from `raw(part name)`, as the checkpoint stores them."""
     owner = {part.name: (target, i) for target in targets.values() for i, part in enumerate(target.parts())}
     packed: dict[str, tuple[torch.Tensor, ...]] = {}
 
@@ -260,6 +309,10 @@ def packed_getter(get: Callable[[str], torch.Tensor], targets: dict[str, QuantTa
         if hit is None:
             return get(name)
         target, index = hit
+        if isinstance(target.scheme, Fp8BlockScheme):
+            if raw is None:
+                raise RuntimeError(f"{name} is stored as its checkpoint holds it, but no checkpoint reader was given")
+            return raw(name)
         parts = packed.get(target.name)
         if parts is None:
             parts = packed[target.name] = quantize(target, get(target.name))
@@ -299,7 +352,7 @@ class PlanCodec:
                 continue
             views = [region(start, part.nbytes).view(part.dtype).view(part.shape) for part, start in parts]
             dst = out[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
-            dequantize_into(dst, *views, target)
+            dequantize_into(dst, views, target)
         for codec in self.experts:
             count = codec.stored.num_experts
             src = region(codec.stored.offset, count * codec.stored.stride)
@@ -329,7 +382,7 @@ class ExpertCodec:
             if target is None:
                 dst.copy_(packed[parts[0]])
             else:
-                dequantize_into(dst, *(packed[i] for i in parts), target)
+                dequantize_into(dst, [packed[i] for i in parts], target)
 
 
 def codecs_of(stored: list[UnitPlan], compute: list[UnitPlan], targets: dict[str, QuantTarget]) -> dict[int, PlanCodec]:

@@ -52,6 +52,7 @@ from .prefetch import FetchPipeline
 from .quantize import (
     PlanCodec,
     QuantScheme,
+    QuantTarget,
     codecs_of,
     dequantize_into,
     packed_getter,
@@ -173,7 +174,12 @@ class OffloadRuntime:
     """
 
     def __init__(
-        self, model: nn.Module, config: OffloadConfig, device: torch.device, residues: dict[str, int] | None = None
+        self,
+        model: nn.Module,
+        config: OffloadConfig,
+        device: torch.device,
+        residues: dict[str, int] | None = None,
+        targets: dict[str, QuantTarget] | None = None,
     ):
         self.config = config
         self.device = device
@@ -222,10 +228,22 @@ class OffloadRuntime:
             }
         self.tensor_align = tensor_alignment(device)
         # a low-bit store: the matrices stored as their packed parts, dequantized into full-precision buffers
-        self.scheme = QuantScheme(config.weight_bits, config.weight_group_size) if config.weight_bits else None
-        self.targets = quantization_targets(model, self.scheme) if self.scheme is not None else {}
-        if device.type == "cuda" or self.targets:
-            residues = {}  # (the reference of a quantized store, `dequantized_copy`, holds fresh allocations)
+        if targets:  # a checkpoint's own quantized matrices (FP8), stored as it holds them
+            if config.weight_bits is not None:
+                raise ValueError(
+                    f"weight_bits ({config.weight_bits}) asks to quantize a checkpoint that is already quantized "
+                    f"({next(iter(targets.values())).scheme.label}): use weight_bits=None, its weights are streamed "
+                    f"as stored"
+                )
+            self.scheme = next(iter(targets.values())).scheme
+            self.targets = dict(targets)
+        else:
+            self.scheme = QuantScheme(config.weight_bits, config.weight_group_size) if config.weight_bits else None
+            self.targets = quantization_targets(model, self.scheme) if self.scheme is not None else {}
+        if device.type == "cuda" or (self.targets and isinstance(self.scheme, QuantScheme)):
+            residues = {}  # (the reference of a low-bit store, `dequantized_copy`, holds fresh allocations)
+        elif self.targets:  # a quantized checkpoint: transformers' load dequantizes its matrices into fresh tensors
+            residues = {name: r for name, r in residues.items() if name not in self.targets}
         # the full-precision plans: what the model's parameters view while their unit runs
         self.compute_plans = plan_units(unit_specs, groups, residues, self.tensor_align)
         self.plans = self.compute_plans  # the plans of the store's bytes
@@ -236,7 +254,7 @@ class OffloadRuntime:
                 index: [ExpertGroup(g.module, tuple(stored_specs(list(g.params), self.targets))) for g in unit_groups]
                 for index, unit_groups in groups.items()
             }
-            self.plans = plan_units(stored_units, stored_groups, {}, self.tensor_align)
+            self.plans = plan_units(stored_units, stored_groups, residues, self.tensor_align)
             self.codecs = codecs_of(self.plans, self.compute_plans, self.targets)
         self.binding = Binding(parameters, owned, device)
         self.router_names = {name: router_weight_name(model, name) for name in self.experts_modules}
@@ -282,12 +300,15 @@ class OffloadRuntime:
         told apart by its scheme, `fingerprint`)."""
         return weights_fingerprint(self.compute_plans, lambda plan: own_tensors(plan, self._original))
 
-    def stored_source(self, get: Callable[[str], torch.Tensor]) -> TensorSource:
+    def stored_source(
+        self, get: Callable[[str], torch.Tensor], raw: Callable[[str], torch.Tensor] | None = None
+    ) -> TensorSource:
         """The source of the store's plans from `get(name)` of the full-precision weights: a quantized matrix is
-        quantized as its unit is written (one unit's packed bytes held at a time)."""
+        quantized as its unit is written (one unit's packed bytes held at a time); the parts of a checkpoint's own
+        quantized matrices come from `raw(part name)`."""
         if not self.targets:
             return lambda plan: own_tensors(plan, get)
-        return lambda plan: own_tensors(plan, packed_getter(get, self.targets))
+        return lambda plan: own_tensors(plan, packed_getter(get, self.targets, raw))
 
     def fingerprint(self, fingerprint: dict | None) -> dict | None:
         """`fingerprint` with the store's quantization scheme: a store of another scheme is stale."""
@@ -471,8 +492,9 @@ class OffloadRuntime:
             self._state_dict_hooks.remove()
         if self.scheme is not None:
             logger.warning(
-                f"disable_offload puts back the dequantized values of the {self.scheme.bits}-bit store (the model now "
-                f"equals dequantized_copy(model, config)): enable_offload freed the full-precision weights"
+                f"disable_offload puts back the dequantized values of the {self.scheme.label} store: the "
+                f"full-precision weights are not in it (enable_offload freed them; a quantized checkpoint never had "
+                f"them)"
             )
         self.binding.restore(self._stored_weights())
         for module, name, buffer in self.buffers:
@@ -541,7 +563,7 @@ class OffloadRuntime:
             (table,) = on_device
         else:
             table = torch.empty((len(unique), *spec.shape[1:]), dtype=spec.dtype, device=self.device)
-            dequantize_into(table, *on_device, target)
+            dequantize_into(table, on_device, target)
         param = nn.Parameter(table, self.binding.requires_grad[spec.name])
         self.binding.bind(unit, self.plans[unit].name, [(spec.name, param)])
         return small_to_device(inverse, ids.device)
@@ -613,7 +635,7 @@ class OffloadRuntime:
         """Refuse to save a low-bit store's weights as if they were the model's."""
         if self.scheme is not None:
             raise RuntimeError(
-                f"this model's store holds {self.scheme.bits}-bit weights (OffloadConfig.weight_bits): a state dict "
+                f"this model's store holds {self.scheme.label} weights (quantized): a state dict "
                 f"would hold their dequantized values in place of the model's own weights, so state_dict and "
                 f"save_pretrained refuse while it is offloaded. To save the dequantized model on purpose, build it in "
                 f"memory with hf_moe_offload.offload.dequantized_copy(model, config) and save that"
