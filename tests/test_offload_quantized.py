@@ -533,3 +533,65 @@ def test_weight_bits_on_an_fp8_checkpoint_is_refused(tmp_path):
     write_fp8_checkpoint(tmp_path / "ckpt", 0)
     with pytest.raises(ValueError, match=r"weight_bits \(4\) asks to quantize .* published quantized \(FP8"):
         load_offloaded(tmp_path / "ckpt", OffloadConfig(weight_bits=4, weight_group_size=GROUP))
+
+
+def write_mxfp4_checkpoint(path) -> None:
+    """A tiny gpt-oss whose experts are stored as the gpt-oss release stores them: `<param>_blocks` (two E2M1 values
+    per byte, 32 per block along the input) and `<param>_scales` (E8M0 exponents), `quant_method` "mxfp4"."""
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, vocab_size=VOCAB_FP8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = GptOssForCausalLM(config).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inputs, outputs = param.shape  # stored transposed: (experts, inputs, outputs)
+            blocks = (experts, outputs, inputs // 32, 16)
+            tensors[name + "_blocks"] = torch.randint(0, 256, blocks, dtype=torch.uint8, generator=generator)
+            tensors[name + "_scales"] = torch.randint(120, 128, blocks[:3], dtype=torch.uint8, generator=generator)
+        else:
+            tensors[name] = param.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    fields = config.to_dict()
+    fields.update(architectures=["GptOssForCausalLM"], dtype="bfloat16")
+    fields["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router"]}
+    (path / "config.json").write_text(json.dumps(fields))
+
+
+@pytest.mark.parametrize("kind, cache", [("nvme", 2), ("cpu", 0)])
+def test_an_mxfp4_checkpoint_is_streamed_as_stored_and_equals_transformers_load(kind, cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    write_mxfp4_checkpoint(tmp_path / "ckpt")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # dequantized to bf16 on the CPU
+    ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0))
+    config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), expert_cache_size=cache)
+    model = load_offloaded(tmp_path / "ckpt", config).eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+        get_offload_stats(model, reset=True)
+        tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+        stats = get_offload_stats(model)
+    finally:
+        disable_offload(model)
+    # every routed expert moved as its MXFP4 bytes (17 per 32 weights, 64 in bf16) beside its bf16 biases
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    layer = "model.layers.0.mlp.experts."
+    per_expert = sum(t[0].numel() * t.element_size() for n, t in stored.items() if n.startswith(layer))
+    full = sum(t[0].numel() * t.element_size() for n, t in reference.state_dict().items() if n.startswith(layer))
+    assert per_expert < 0.3 * full
+    fetches = stats.expert_cache_misses + stats.speculative_fetches
+    # (each of the expert's 4 tensors may start up to 63 bytes further: at its checkpoint offset's residue mod 64)
+    assert fetches > 0 and fetches * per_expert <= stats.expert_bytes_fetched <= fetches * (per_expert + 4 * 63)

@@ -24,7 +24,7 @@ from .api import attach, check_config, new_runtime
 from .config import resolve_execution_device
 from .layout import SAFETENSORS_DTYPES, TENSOR_ALIGN, TensorSpec, checkpoint_plans
 from .ownership import conversion_folder, remove_leftovers
-from .quantize import Fp8BlockScheme, QuantScheme, QuantTarget, quantization_targets
+from .quantize import Fp8BlockScheme, Mxfp4Scheme, QuantScheme, QuantTarget, quantization_targets
 from .store import check_writable_dir, checkpoint_fingerprint, read_safetensors_header
 
 
@@ -217,7 +217,7 @@ def _check_quantizable(name_or_path: str, config, from_pretrained_kwargs: dict) 
     quantization_targets(model, QuantScheme(config.weight_bits, config.weight_group_size))
 
 
-def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8BlockScheme | None:
+def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8BlockScheme | Mxfp4Scheme | None:
     """The scheme of a checkpoint published quantized in a format the store keeps as it is (FP8 with block scales),
     read from its config before anything is loaded; None for a full-precision checkpoint (or, with a warning, a
     format the store keeps as transformers dequantizes it). A clear ValueError for a block size it cannot keep."""
@@ -232,11 +232,13 @@ def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8Bl
         return None
     fields = quantization if isinstance(quantization, dict) else quantization.to_dict()
     method = fields.get("quant_method")
+    if method == "mxfp4":
+        return Mxfp4Scheme()
     if method != "fp8":
         logger.warning(
             f"{name_or_path} is quantized with quant_method {method!r}: the store keeps the weights as transformers "
-            f"loads them on this machine (dequantized), not as the checkpoint stores them (only quant_method 'fp8' "
-            f"with block scales is streamed as stored)"
+            f"loads them on this machine (dequantized), not as the checkpoint stores them (quant_method 'fp8' with "
+            f"block scales and 'mxfp4' are streamed as stored)"
         )
         return None
     block = fields.get("weight_block_size")
@@ -249,17 +251,67 @@ def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8Bl
 
 
 def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pretrained_kwargs: dict):
-    """(targets, raw reader) of the FP8 checkpoint of `scheme`: the model's matrices the checkpoint holds in FP8 with
-    their block scales, each read as stored; ({}, None) without a scheme. A clear ValueError naming the tensor for
-    missing or misshapen scales, or a block size that does not divide a matrix."""
+    """(targets, raw reader) of the quantized checkpoint of `scheme`: the model's matrices the checkpoint holds in FP8
+    with block scales, or its experts in MXFP4, each read as stored; ({}, None) without a scheme. A clear ValueError
+    naming the tensor for missing or misshapen scales, or a block size that does not divide a matrix."""
     if scheme is None:
         return {}, None
-    block = scheme.block
     headers: dict[str, tuple[str, dict]] = {}
     for path in _checkpoint_shards(name_or_path, from_pretrained_kwargs):
         for tensor, info in read_safetensors_header(path)[1].items():
             if tensor != "__metadata__":
                 headers[tensor] = (path, info)
+    if isinstance(scheme, Mxfp4Scheme):
+        targets, suffixes = _mxfp4_targets(model, name_or_path, scheme, headers), ("_blocks", "_scales")
+    else:
+        targets, suffixes = _fp8_targets(model, name_or_path, scheme, headers), ("", "_scale_inv")
+    if not targets:
+        return {}, None
+    parts = {
+        part.name: (headers[target.name + suffix][0], target.name + suffix)
+        for target in targets.values()
+        for part, suffix in zip(target.parts(), suffixes, strict=True)
+    }
+
+    def raw(part_name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, tensor = parts[part_name]
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(tensor)
+
+    return targets, raw
+
+
+def _mxfp4_targets(model: nn.Module, name_or_path: str, scheme, headers: dict) -> dict[str, QuantTarget]:
+    """The v5 experts parameters `(experts, inputs, outputs)` the checkpoint holds as MXFP4 `_blocks` + `_scales`."""
+    targets = {}
+    for name, param in model.named_parameters():
+        blocks, scales = headers.get(name + "_blocks"), headers.get(name + "_scales")
+        if blocks is None and scales is None:
+            continue
+        if blocks is None or scales is None:
+            missing = name + ("_blocks" if blocks is None else "_scales")
+            raise ValueError(f"{name} of {name_or_path} is MXFP4 but the checkpoint holds no {missing}")
+        if param.dim() != 3 or param.shape[1] % scheme.block:
+            raise ValueError(
+                f"{name} of {name_or_path} has shape {tuple(param.shape)}: MXFP4 is supported for (experts, inputs, "
+                f"outputs) parameters whose inputs are a multiple of {scheme.block}"
+            )
+        target = QuantTarget(TensorSpec(name, param.dtype, tuple(param.shape)), -2, scheme)
+        for (_, info), spec in zip((blocks, scales), target.parts(), strict=True):
+            if tuple(info["shape"]) != spec.shape or info["dtype"] != "U8":
+                raise ValueError(
+                    f"{spec.name.replace('__', '_')} of {name_or_path} is {info['dtype']} {info['shape']}: U8 "
+                    f"{list(spec.shape)} is expected for {name} {tuple(param.shape)}"
+                )
+        targets[name] = target
+    return targets
+
+
+def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict) -> dict[str, QuantTarget]:
+    """The model's matrices the checkpoint holds in FP8 with their block scales."""
+    block = scheme.block
     targets: dict[str, QuantTarget] = {}
     for name, param in model.named_parameters():
         entry = headers.get(name)
@@ -287,22 +339,7 @@ def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pret
             f"they are (per-expert tensors fused on load, renamed ones): the store keeps them as transformers "
             f"dequantizes them, in full precision"
         )
-    if not targets:
-        return {}, None
-    parts = {
-        part.name: (headers[target.name + suffix][0], target.name + suffix)
-        for target in targets.values()
-        for part, suffix in zip(target.parts(), ("", "_scale_inv"), strict=True)
-    }
-
-    def raw(part_name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path, tensor = parts[part_name]
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(tensor)
-
-    return targets, raw
+    return targets
 
 
 def _checkpoint_shards(name_or_path: str, from_pretrained_kwargs: dict) -> list[str]:

@@ -37,6 +37,9 @@ from .layout import ExpertLayout, TensorSpec, UnitPlan
 
 SUFFIXES = ("__qweight", "__scales", "__mins")
 FP8_SUFFIXES = ("__fp8", "__scale_inv")
+MXFP4_SUFFIXES = ("__blocks", "__scales")
+# the E2M1 values of the 16 nibbles (the OCP microscaling format; transformers' FP4_VALUES)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # dequantize in pieces of about this many weights: bounded temporaries, and pieces that stay in the CPU's caches
 _PIECE = 1 << 20
 
@@ -80,13 +83,32 @@ class Fp8BlockScheme:
 
 
 @dataclass(frozen=True)
+class Mxfp4Scheme:
+    """A checkpoint published with MXFP4 experts (`quant_method` "mxfp4", the gpt-oss layout): each expert's matrix
+    as `<name>_blocks` (two E2M1 values per byte, 32 values per block along the input) and `<name>_scales` (one E8M0
+    exponent per block), for a v5 experts parameter stored transposed `(experts, inputs, outputs)`; read back as
+    transformers reads it on a host without MXFP4 kernels: `lut[value] * 2**(scale - 127)`, transposed, in the
+    parameter's dtype. Streamed as stored."""
+
+    block: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"mxfp4-e2m1-block{self.block}"
+
+    @property
+    def label(self) -> str:
+        return "MXFP4 (checkpoint)"
+
+
+@dataclass(frozen=True)
 class QuantTarget:
     """One matrix stored quantized: its full-precision spec, where its input dimension is (-1, or -2 for a
     `Conv1D` / transposed experts weight), and the scheme."""
 
     spec: TensorSpec
     input_dim: int
-    scheme: QuantScheme | Fp8BlockScheme
+    scheme: QuantScheme | Fp8BlockScheme | Mxfp4Scheme
 
     @property
     def name(self) -> str:
@@ -97,6 +119,12 @@ class QuantTarget:
         runs along the input dimension, which keeps its place); of an FP8 checkpoint's matrix, its FP8 values and
         block scales as the checkpoint holds them."""
         *lead, rows, cols = self.spec.shape
+        if isinstance(self.scheme, Mxfp4Scheme):  # the parameter is (inputs, outputs); the blocks run along inputs
+            groups = rows // self.scheme.block
+            return (
+                TensorSpec(self.name + MXFP4_SUFFIXES[0], torch.uint8, (*lead, cols, groups, self.scheme.block // 2)),
+                TensorSpec(self.name + MXFP4_SUFFIXES[1], torch.uint8, (*lead, cols, groups)),
+            )
         if isinstance(self.scheme, Fp8BlockScheme):
             b0, b1 = self.scheme.block
             return (
@@ -238,9 +266,26 @@ def dequantize_into(out: torch.Tensor, parts: Sequence[torch.Tensor], target: Qu
     shape, or of any number of leading experts more or fewer), on their device. Works on strided views (the
     expert-major layout)."""
     lead = out.shape[:-2]
-    matrix = _dequantize_fp8 if isinstance(target.scheme, Fp8BlockScheme) else _dequantize_matrix
+    matrix = {Fp8BlockScheme: _dequantize_fp8, Mxfp4Scheme: _dequantize_mxfp4}.get(
+        type(target.scheme), _dequantize_matrix
+    )
     for index in itertools.product(*(range(n) for n in lead)):
         matrix(out[index], *(part[index] for part in parts), target)
+
+
+def _dequantize_mxfp4(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, target: QuantTarget) -> None:
+    """One expert's MXFP4 matrix into `out` `(inputs, outputs)`: each nibble's E2M1 value times `2**(scale - 127)`
+    (exact in float32), rounded once to `out`'s dtype, transposed; in pieces of output rows."""
+    inputs, outputs = out.shape
+    groups, half = blocks.shape[-2:]
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    per_piece = max(1, _PIECE // inputs)
+    for start in range(0, outputs, per_piece):
+        end = min(outputs, start + per_piece)
+        packed = blocks[start:end].reshape(end - start, groups * half)
+        values = lut[_unpack(packed, 4).long()].view(end - start, groups, 2 * half)
+        values = values * torch.exp2(scales[start:end].to(torch.float32) - 127.0).unsqueeze(-1)
+        out[:, start:end].copy_(values.view(end - start, inputs).t())
 
 
 def _dequantize_fp8(out: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, target: QuantTarget) -> None:
@@ -309,7 +354,7 @@ def packed_getter(
         if hit is None:
             return get(name)
         target, index = hit
-        if isinstance(target.scheme, Fp8BlockScheme):
+        if isinstance(target.scheme, (Fp8BlockScheme, Mxfp4Scheme)):
             if raw is None:
                 raise RuntimeError(f"{name} is stored as its checkpoint holds it, but no checkpoint reader was given")
             return raw(name)
