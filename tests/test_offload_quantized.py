@@ -595,3 +595,28 @@ def test_an_mxfp4_checkpoint_is_streamed_as_stored_and_equals_transformers_load(
     fetches = stats.expert_cache_misses + stats.speculative_fetches
     # (each of the expert's 4 tensors may start up to 63 bytes further: at its checkpoint offset's residue mod 64)
     assert fetches > 0 and fetches * per_expert <= stats.expert_bytes_fetched <= fetches * (per_expert + 4 * 63)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_cuda_dequantization_of_a_quantized_checkpoint_equals_transformers(fmt, tmp_path):
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
+
+    if fmt == "fp8":
+        write_fp8_checkpoint(tmp_path / "ckpt", 0)
+        dequantizing = FineGrainedFP8Config(weight_block_size=(128, 128), dequantize=True)
+    else:
+        write_mxfp4_checkpoint(tmp_path / "ckpt")
+        dequantizing = Mxfp4Config(dequantize=True)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=dequantizing)
+    reference = reference.to("cuda").eval()
+    ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0)).to("cuda")
+    config = OffloadConfig(offload_device="cpu", execution_device="cuda", prefetch_depth=1, expert_cache_size=2)
+    model = load_offloaded(tmp_path / "ckpt", config).eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+        tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+    finally:
+        disable_offload(model)

@@ -180,6 +180,15 @@ def load_offloaded(
         offload_folder = conversion_folder(scratch)
     except OSError as err:
         raise ValueError(f"nvme_path ({scratch}) is not writable: {err.strerror}") from err
+    if scheme is not None:
+        if from_pretrained_kwargs.get("quantization_config") is not None:
+            raise ValueError(
+                f"{name_or_path} is published quantized ({scheme.label}): load_offloaded streams it as stored and "
+                f"sets quantization_config itself; do not pass one"
+            )
+        # transformers builds full-precision modules (dequantize=True, its own choice on a host without the kernels):
+        # the store keeps the checkpoint's bytes and the runtime dequantizes them on the device
+        from_pretrained_kwargs["quantization_config"] = _dequantizing_config(scheme)
     try:
         with _quiet_disk_offload_warning():
             model = AutoModelForCausalLM.from_pretrained(
@@ -248,6 +257,15 @@ def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8Bl
             f"[128, 128]): per-tensor FP8 scales are not supported"
         )
     return Fp8BlockScheme(tuple(block))
+
+
+def _dequantizing_config(scheme):
+    """The loading attributes that make transformers build full-precision modules for a quantized checkpoint."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if isinstance(scheme, Mxfp4Scheme):
+        return Mxfp4Config(dequantize=True)
+    return FineGrainedFP8Config(weight_block_size=scheme.block, dequantize=True)
 
 
 def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pretrained_kwargs: dict):
