@@ -19,8 +19,8 @@
 #
 # Issue 16 (low-bit stores): low_bit_exactness rows (offloaded 8/4-bit == dequantized_copy on the device: the CUDA
 # dequantization equals the CPU's), low_bit_throughput rows (bf16 vs 8 vs 4 bits, dense and routed MoE, bytes per
-# step and GB/s against the pinned H2D bandwidth), and the gpu test of tests/test_offload_quantized.py. The FP8 / MXFP4
-# checkpoints of that issue are not built yet: no rows for them.
+# step and GB/s against the pinned H2D bandwidth), and the gpu tests of tests/test_offload_quantized.py (low-bit stores,
+# and FP8 / MXFP4 checkpoints dequantized on the device against transformers' dequantized load moved to the GPU).
 set -u
 OUT="${OUT:-gpu_check_results}"
 mkdir -p "$OUT"
