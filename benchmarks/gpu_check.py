@@ -238,9 +238,13 @@ def exactness(args, out, device, dtype) -> None:
         for kind in ("cpu", "nvme"):
             for depth in (0, 1, 2):
                 with tempfile.TemporaryDirectory() as tmp:
-                    config = OffloadConfig(offload_device=kind, nvme_path=tmp if kind == "nvme" else None,
-                                           execution_device=device, prefetch_depth=depth,
-                                           expert_cache_size=3)  # fmt: skip  (a partial expert cache)
+                    config = OffloadConfig(
+                        offload_device=kind,
+                        nvme_path=tmp if kind == "nvme" else None,
+                        execution_device=device,
+                        prefetch_depth=depth,
+                        expert_cache_size=3,
+                    )  # fmt: skip  (a partial expert cache)
                     enable_offload(model, config)
                     with torch.no_grad():
                         same_logits = torch.equal(model(ids).logits, logits)
@@ -281,6 +285,23 @@ def syncs_per_step(args, out, device, dtype) -> None:
              extra_per_step=offloaded - in_memory)  # fmt: skip
 
 
+def pinned_h2d_bandwidth(device) -> float | None:
+    """Bytes per second of 1 GiB copies from pinned host memory to `device` (None on the CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty_like(host, device=device)
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 5 * host.numel() / (time.perf_counter() - start)
+
+
 def memory_and_throughput(args, out, device, dtype) -> None:
     import torch
 
@@ -290,18 +311,7 @@ def memory_and_throughput(args, out, device, dtype) -> None:
     hidden, layers = (256, 4) if args.small else (4096, 8)
     model = llama(hidden, layers, dtype, "cpu")
     store_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = None
-    if device.type == "cuda":
-        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-        target = torch.empty_like(host, device=device)
-        target.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            target.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
-        bandwidth = 5 * host.numel() / (time.perf_counter() - start)
-        del host, target
+    bandwidth = pinned_h2d_bandwidth(device)
     ids = torch.randint(3, 32000, (1, 8), generator=torch.Generator().manual_seed(3))
     for depth in (1, 2):
         if device.type == "cuda":
@@ -356,18 +366,7 @@ def low_bit(args, out, device, dtype) -> None:
                     disable_offload(model)
                 emit(out, check="low_bit_exactness", model=name, dtype=str(dtype), bits=bits, store=kind,
                      logits_equal=same_logits, tokens_equal=same_tokens)  # fmt: skip
-    bandwidth = None
-    if device.type == "cuda":
-        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-        target = torch.empty_like(host, device=device)
-        target.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            target.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
-        bandwidth = 5 * host.numel() / (time.perf_counter() - start)
-        del host, target
+    bandwidth = pinned_h2d_bandwidth(device)
     hidden, layers = (256, 4) if args.small else (4096, 8)
     models = (("llama", lambda: llama(hidden, layers, dtype, "cpu")), ("gpt_moe_1024x8x16", lambda: mid_moe(dtype)))
     for name, make in models:

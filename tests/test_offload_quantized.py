@@ -471,6 +471,16 @@ def write_fp8_checkpoint(path, seed: int) -> None:
 VOCAB_FP8 = 256
 
 
+def generate_stats(model, reference, ids, new_tokens: int = 4):
+    """Logits and greedy tokens of the offloaded `model` equal `reference`'s; the offload counters of the generate."""
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    tokens = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    get_offload_stats(model, reset=True)
+    assert torch.equal(model.generate(ids, max_new_tokens=new_tokens, do_sample=False), tokens)
+    return get_offload_stats(model)
+
+
 @pytest.mark.parametrize("kind", ["nvme", "cpu"])
 def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(kind, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -486,12 +496,7 @@ def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(ki
                 manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
                 assert [record[0] for record in manifest["fingerprint"]["files"]] == ["model.safetensors"]
                 assert manifest["fingerprint"]["quantization"] == "fp8-e4m3-block128x128"
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, reference(ids).logits)
-            get_offload_stats(model, reset=True)
-            tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
-            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
-            stats = get_offload_stats(model)
+            stats = generate_stats(model, reference, ids)
         finally:
             disable_offload(model)
         # the blocks' matrices moved as FP8 (1 byte per weight + a float32 per 128x128 block), not as bf16
@@ -576,12 +581,7 @@ def test_an_mxfp4_checkpoint_is_streamed_as_stored_and_equals_transformers_load(
     config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), expert_cache_size=cache)
     model = load_offloaded(tmp_path / "ckpt", config).eval()
     try:
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, reference(ids).logits)
-        get_offload_stats(model, reset=True)
-        tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
-        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
-        stats = get_offload_stats(model)
+        stats = generate_stats(model, reference, ids)
     finally:
         disable_offload(model)
     # every routed expert moved as its MXFP4 bytes (17 per 32 weights, 64 in bf16) beside its bf16 biases
@@ -614,9 +614,6 @@ def test_cuda_dequantization_of_a_quantized_checkpoint_equals_transformers(fmt, 
     config = OffloadConfig(offload_device="cpu", execution_device="cuda", prefetch_depth=1, expert_cache_size=2)
     model = load_offloaded(tmp_path / "ckpt", config).eval()
     try:
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, reference(ids).logits)
-        tokens = reference.generate(ids, max_new_tokens=4, do_sample=False)
-        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), tokens)
+        generate_stats(model, reference, ids)
     finally:
         disable_offload(model)
