@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check: one command for a lent GPU machine (about 8 minutes on one H200), its results under $OUT (or
+# The device check: one command for a lent GPU machine (about 9 minutes on one H200), its results under $OUT (or
 # ./gpu_check_results). The machine has no network: the package runs from this working tree (PYTHONPATH) on the
 # machine's own torch / transformers. Prints the environment, runs every `gpu`-marked test, then
 # benchmarks/gpu_check.py (exactness incl. partial expert caches and disable_offload right after generate, host
@@ -32,6 +32,6 @@ torch.cuda.is_available(), 'transformers', transformers.__version__)"
 } > "$OUT/environment.txt" 2>&1
 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $?" | tee -a "$OUT/summary.txt"
-timeout 240 python3 benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.txt" 2>&1
+timeout 330 python3 benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.txt" 2>&1
 echo "gpu_check.py: exit $?" | tee -a "$OUT/summary.txt"
 tail -n 30 "$OUT/environment.txt" "$OUT/gpu_tests.txt" "$OUT/gpu_check.txt"
