@@ -449,11 +449,7 @@ def write_fp8_checkpoint(path, seed: int) -> None:
     tensors = {}
     for name, param in model.state_dict().items():
         if ".layers." in name and param.dim() == 2:
-            rows, cols = param.shape
-            blocks = param.float().view(rows // 128, 128, cols // 128, 128)
-            scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
-            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols)
-            tensors[name + "_scale_inv"] = scale.view(rows // 128, cols // 128)
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
         else:
             tensors[name] = param.contiguous()
     path.mkdir(parents=True, exist_ok=True)
@@ -469,6 +465,76 @@ def write_fp8_checkpoint(path, seed: int) -> None:
 
 
 VOCAB_FP8 = 256
+
+
+def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` (rows, cols) as float8_e4m3fn values and a float32 scale per 128x128 block (DeepSeek-V3's recipe)."""
+    rows, cols = weight.shape
+    blocks = weight.float().view(rows // 128, 128, cols // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
+    return (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols), scale.view(rows // 128, cols // 128)
+
+
+def write_fp8_moe_checkpoint(path) -> None:
+    """A tiny Qwen3-MoE in the Qwen3-MoE-FP8 layout: attention and every expert's gate / up / down projection in FP8
+    with block scales, the experts stored one by one (`mlp.experts.<e>.gate_proj.weight`, ...), as published."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 256, "moe_intermediate_size": 128, "intermediate_size": 256, "head_dim": 128}
+    config = Qwen3MoeConfig(
+        **shape, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB_FP8,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        module, _, attr = name.rpartition(".")
+        if attr in ("gate_up_proj", "down_proj") and param.dim() == 3:
+            for e in range(param.shape[0]):
+                pieces = param[e].chunk(2) if attr == "gate_up_proj" else (param[e],)
+                names = ("gate_proj", "up_proj") if attr == "gate_up_proj" else ("down_proj",)
+                for piece, piece_name in zip(pieces, names, strict=True):
+                    values, scale = fp8_blocks(piece)
+                    tensors[f"{module}.{e}.{piece_name}.weight"] = values
+                    tensors[f"{module}.{e}.{piece_name}.weight_scale_inv"] = scale
+        elif "self_attn" in name and param.dim() == 2:
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
+        else:
+            tensors[name] = param.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    fields = config.to_dict()
+    fields.update(architectures=["Qwen3MoeForCausalLM"], dtype="bfloat16")
+    fields["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
+    (path / "config.json").write_text(json.dumps(fields))
+
+
+@pytest.mark.parametrize("kind, cache", [("nvme", 2), ("cpu", 0)])
+def test_an_fp8_moe_checkpoint_streams_its_per_expert_tensors_as_stored(kind, cache, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    write_fp8_moe_checkpoint(tmp_path / "ckpt")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # dequantized, experts fused
+    ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0))
+    config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), expert_cache_size=cache)
+    with caplog.at_level("WARNING"):
+        model = load_offloaded(tmp_path / "ckpt", config).eval()
+    assert "FP8 tensors" not in caplog.text  # every FP8 tensor streamed as stored, the per-expert ones included
+    try:
+        stats = generate_stats(model, reference, ids)
+    finally:
+        disable_offload(model)
+    experts = reference.model.layers[0].mlp.experts
+    full = sum(p[0].numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj))
+    fetches = stats.expert_cache_misses + stats.speculative_fetches
+    # an expert moves as FP8 (1 byte per weight, a float32 per 128x128 block), half its bf16 bytes and a little more
+    assert fetches > 0 and stats.expert_bytes_fetched <= fetches * (full / 2 + 4096)
 
 
 def generate_stats(model, reference, ids, new_tokens: int = 4):

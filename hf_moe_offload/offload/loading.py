@@ -279,24 +279,30 @@ def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pret
         for tensor, info in read_safetensors_header(path)[1].items():
             if tensor != "__metadata__":
                 headers[tensor] = (path, info)
+    # each stored part: the checkpoint tensor it is, or (fused experts) the per-expert tensors it stacks, each expert's
+    # row blocks concatenated (gate, then up: transformers' MergeModulelist + Concatenate)
+    sources: dict[str, str | list[list[str]]] = {}
     if isinstance(scheme, Mxfp4Scheme):
-        targets, suffixes = _mxfp4_targets(model, name_or_path, scheme, headers), ("_blocks", "_scales")
+        targets = _mxfp4_targets(model, name_or_path, scheme, headers)
+        for target in targets.values():
+            for part, suffix in zip(target.parts(), ("_blocks", "_scales"), strict=True):
+                sources[part.name] = target.name + suffix
     else:
-        targets, suffixes = _fp8_targets(model, name_or_path, scheme, headers), ("", "_scale_inv")
+        targets = _fp8_targets(model, name_or_path, scheme, headers, sources)
     if not targets:
         return {}, None
-    parts = {
-        part.name: (headers[target.name + suffix][0], target.name + suffix)
-        for target in targets.values()
-        for part, suffix in zip(target.parts(), suffixes, strict=True)
-    }
 
-    def raw(part_name: str) -> torch.Tensor:
+    def tensor(name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        path, tensor = parts[part_name]
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(tensor)
+        with safe_open(headers[name][0], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def raw(part_name: str) -> torch.Tensor:
+        source = sources[part_name]
+        if isinstance(source, str):
+            return tensor(source)
+        return torch.stack([torch.cat([tensor(name) for name in expert]) for expert in source])
 
     return targets, raw
 
@@ -327,30 +333,65 @@ def _mxfp4_targets(model: nn.Module, name_or_path: str, scheme, headers: dict) -
     return targets
 
 
-def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict) -> dict[str, QuantTarget]:
-    """The model's matrices the checkpoint holds in FP8 with their block scales."""
+def _fp8_matrix(name: str, name_or_path: str, headers: dict, rows: int, cols: int, block) -> None:
+    """Check that the FP8 checkpoint tensor `name` of shape (rows, cols) has its block scales."""
+    scale = headers.get(name + "_scale_inv")
+    if scale is None:
+        raise ValueError(f"{name} of {name_or_path} is FP8 but the checkpoint holds no {name}_scale_inv")
+    if rows % block[0] or cols % block[1]:
+        raise ValueError(
+            f"weight_block_size {list(block)} must divide the shape of every FP8 matrix: {name} is {rows}x{cols} "
+            f"(partial blocks are not supported)"
+        )
+    if tuple(scale[1]["shape"]) != (rows // block[0], cols // block[1]) or scale[1]["dtype"] != "F32":
+        raise ValueError(
+            f"{name}_scale_inv of {name_or_path} is {scale[1]['dtype']} {scale[1]['shape']}: a float32 "
+            f"({rows // block[0]}, {cols // block[1]}) grid of {list(block)} blocks is expected"
+        )
+
+
+# a v5 fused experts parameter and the per-expert checkpoint tensors it is made of (transformers' qwen2_moe family of
+# conversions: Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...)
+_PER_EXPERT = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "up_proj": ("up_proj",)}
+
+
+def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sources: dict) -> dict[str, QuantTarget]:
+    """The model's matrices the checkpoint holds in FP8 with their block scales: as they are, or (fused experts) as
+    per-expert tensors; fills `sources` with the checkpoint tensors of each stored part."""
     block = scheme.block
     targets: dict[str, QuantTarget] = {}
     for name, param in model.named_parameters():
         entry = headers.get(name)
-        if entry is None or entry[1]["dtype"] != "F8_E4M3" or param.dim() != 2:
-            continue  # converted by transformers (per-expert tensors, another name): stored as it loads them
-        scale = headers.get(name + "_scale_inv")
-        rows, cols = param.shape
-        if scale is None:
-            raise ValueError(f"{name} of {name_or_path} is FP8 but the checkpoint holds no {name}_scale_inv")
-        if rows % block[0] or cols % block[1]:
-            raise ValueError(
-                f"weight_block_size {list(block)} must divide the shape of every FP8 matrix: {name} is {rows}x{cols} "
-                f"(partial blocks are not supported)"
-            )
-        if tuple(scale[1]["shape"]) != (rows // block[0], cols // block[1]) or scale[1]["dtype"] != "F32":
-            raise ValueError(
-                f"{name}_scale_inv of {name_or_path} is {scale[1]['dtype']} {scale[1]['shape']}: a float32 "
-                f"({rows // block[0]}, {cols // block[1]}) grid of {list(block)} blocks is expected"
-            )
-        targets[name] = QuantTarget(TensorSpec(name, param.dtype, (rows, cols)), -1, scheme)
-    converted = [t for t, (_, info) in headers.items() if info["dtype"] == "F8_E4M3" and t not in targets]
+        if entry is not None and entry[1]["dtype"] == "F8_E4M3" and param.dim() == 2:
+            rows, cols = param.shape
+            _fp8_matrix(name, name_or_path, headers, rows, cols, block)
+            target = QuantTarget(TensorSpec(name, param.dtype, (rows, cols)), -1, scheme)
+            values, scales = target.parts()
+            sources[values.name], sources[scales.name] = name, name + "_scale_inv"
+            targets[name] = target
+            continue
+        module, _, attr = name.rpartition(".")
+        pieces = _PER_EXPERT.get(attr)
+        if param.dim() != 3 or pieces is None or f"{module}.0.{pieces[0]}.weight" not in headers:
+            continue
+        experts, rows, cols = param.shape
+        names = [[f"{module}.{e}.{piece}.weight" for piece in pieces] for e in range(experts)]
+        if not all(n in headers and headers[n][1]["dtype"] == "F8_E4M3" for expert in names for n in expert):
+            continue  # not every expert in FP8: stored as transformers loads it
+        for expert in names:
+            for n in expert:
+                _fp8_matrix(n, name_or_path, headers, *headers[n][1]["shape"], block)
+        if sum(headers[n][1]["shape"][0] for n in names[0]) != rows or headers[names[0][0]][1]["shape"][1] != cols:
+            continue  # another layout than (experts, outputs, inputs): stored as transformers loads it
+        target = QuantTarget(TensorSpec(name, param.dtype, (experts, rows, cols)), -1, scheme)
+        values, scales = target.parts()
+        sources[values.name] = names
+        sources[scales.name] = [[n + "_scale_inv" for n in expert] for expert in names]
+        targets[name] = target
+    covered = set()
+    for source in sources.values():
+        covered.update([source] if isinstance(source, str) else (n for expert in source for n in expert))
+    converted = [t for t, (_, info) in headers.items() if info["dtype"] == "F8_E4M3" and t not in covered]
     if converted:
         logger.warning(
             f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are not the model's parameters as "
