@@ -394,9 +394,9 @@ def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sou
     converted = [t for t, (_, info) in headers.items() if info["dtype"] == "F8_E4M3" and t not in covered]
     if converted:
         logger.warning(
-            f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are not the model's parameters as "
-            f"they are (per-expert tensors fused on load, renamed ones): the store keeps them as transformers "
-            f"dequantizes them, in full precision"
+            f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are neither the model's parameters "
+            f"nor its experts under their usual per-expert names: the store keeps them as transformers dequantizes "
+            f"them, in full precision"
         )
     return targets
 
