@@ -1,5 +1,6 @@
 """Checkpoints published quantized, streamed as stored: bytes per decoding step against their bf16 expansion, and
-tokens against transformers' own (dequantizing) load, for an FP8 block-wise Qwen3 and an MXFP4 gpt-oss.
+tokens against transformers' own (dequantizing) load, for an FP8 block-wise Qwen3, a Qwen3-MoE-FP8 (experts stored one
+by one) and an MXFP4 gpt-oss.
 
 Both checkpoints are written here with random weights in the published layouts (Qwen3-FP8: `float8_e4m3fn` matrices
 with a float32 `weight_scale_inv` per 128x128 block; gpt-oss: experts as `*_blocks` + `*_scales`), then loaded twice:
@@ -19,7 +20,15 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from hf_moe_offload import OffloadConfig, disable_offload, get_offload_stats, load_offloaded
 
@@ -41,11 +50,41 @@ def fp8_qwen3(path: str) -> None:
     tensors = {}
     for name, param in model.state_dict().items():
         if ".layers." in name and param.dim() == 2:
-            rows, cols = param.shape
-            blocks = param.float().view(rows // 128, 128, cols // 128, 128)
-            scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
-            tensors[name] = (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols)
-            tensors[name + "_scale_inv"] = scale.view(rows // 128, cols // 128)
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
+        else:
+            tensors[name] = param.contiguous()
+    write(
+        model, tensors, {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}, path
+    )
+
+
+def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = weight.shape
+    blocks = weight.float().view(rows // 128, 128, cols // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
+    return (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols), scale.view(rows // 128, cols // 128)
+
+
+def fp8_qwen3_moe(path: str) -> None:
+    """Qwen3-MoE-FP8's layout: attention and every expert in FP8, the experts stored one by one."""
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2048, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=4096,
+                            num_experts=16, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                            tie_word_embeddings=False)  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        module, _, attr = name.rpartition(".")
+        if attr in ("gate_up_proj", "down_proj") and param.dim() == 3:
+            names = ("gate_proj", "up_proj") if attr == "gate_up_proj" else ("down_proj",)
+            for e in range(param.shape[0]):
+                for piece, piece_name in zip(param[e].chunk(len(names)), names, strict=True):
+                    values, scale = fp8_blocks(piece)
+                    tensors[f"{module}.{e}.{piece_name}.weight"] = values
+                    tensors[f"{module}.{e}.{piece_name}.weight_scale_inv"] = scale
+        elif "self_attn" in name and param.dim() == 2:
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
         else:
             tensors[name] = param.contiguous()
     write(
@@ -79,8 +118,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     args = parser.parse_args()
     rows = []
-    for name, make in (("Qwen3 FP8 block-wise", fp8_qwen3), ("gpt-oss MXFP4 experts", mxfp4_gpt_oss)):
-        path = os.path.join(args.work_dir, name.split()[0])
+    checkpoints = (
+        ("Qwen3 FP8 block-wise", fp8_qwen3),
+        ("Qwen3-MoE FP8, experts one by one", fp8_qwen3_moe),
+        ("gpt-oss MXFP4 experts", mxfp4_gpt_oss),
+    )
+    for name, make in checkpoints:
+        path = os.path.join(args.work_dir, name.split()[0].rstrip(","))
         make(path)
         stored = os.path.getsize(os.path.join(path, "model.safetensors"))
         reference = AutoModelForCausalLM.from_pretrained(path).eval()
