@@ -565,6 +565,8 @@ def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(ki
             stats = generate_stats(model, reference, ids)
         finally:
             disable_offload(model)
+        for name, param in reference.named_parameters():  # put back: the dequantized values, as transformers loads
+            assert torch.equal(model.get_parameter(name), param), name
         # the blocks' matrices moved as FP8 (1 byte per weight + a float32 per 128x128 block), not as bf16
         matrices = sum(p.numel() for n, p in reference.named_parameters() if ".layers." in n and p.dim() == 2)
         steps = 4

@@ -17,6 +17,12 @@ transposed experts module's groups run down the columns), the values packed alon
 
 `dequantized_copy(model, config)` is the reference a quantized offloaded model equals bit for bit: the same model in
 memory with every quantized weight replaced by its dequantized value.
+
+Checkpoints published quantized are kept as they are stored, with the same codecs: FP8 with block scales
+(`Fp8BlockScheme`: `float8_e4m3fn` values and a float32 `weight_scale_inv` per block) and MXFP4 experts
+(`Mxfp4Scheme`: E2M1 nibbles and E8M0 exponents per 32 values), dequantized exactly as transformers dequantizes them
+on a host without the kernels, so the offloaded model equals transformers' own in-memory load (`loading.py` finds
+them in the checkpoint).
 """
 
 from __future__ import annotations
