@@ -434,10 +434,23 @@ def test_cuda_dequantization_equals_the_cpu_reference(arch, bits, kind, tmp_path
 # -- a checkpoint transformers dequantizes on load (FP8 block-wise) -----------------------------------------------
 
 
+FP8_QUANTIZATION = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+
+
+def save_checkpoint(path, model, tensors: dict, quantization: dict) -> None:
+    """`tensors` as a one-shard safetensors checkpoint of `model` (bf16) at `path`, with its `quantization_config`."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    fields = model.config.to_dict()
+    fields.update(architectures=[type(model).__name__], dtype="bfloat16", quantization_config=quantization)
+    (path / "config.json").write_text(json.dumps(fields))
+
+
 def write_fp8_checkpoint(path, seed: int) -> None:
     """A tiny Qwen3 whose linear weights are stored as the DeepSeek-V3 / Qwen3-FP8 releases store them: float8_e4m3fn
     with a float32 `weight_scale_inv` per 128x128 block (`quantization_config`: quant_method "fp8")."""
-    from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -452,16 +465,7 @@ def write_fp8_checkpoint(path, seed: int) -> None:
             tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
         else:
             tensors[name] = param.contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    fields = config.to_dict()
-    fields.update(architectures=["Qwen3ForCausalLM"], dtype="bfloat16")
-    fields["quantization_config"] = {
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-        "activation_scheme": "dynamic",
-    }
-    (path / "config.json").write_text(json.dumps(fields))
+    save_checkpoint(path, model, tensors, FP8_QUANTIZATION)
 
 
 VOCAB_FP8 = 256
@@ -478,7 +482,6 @@ def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def write_fp8_moe_checkpoint(path) -> None:
     """A tiny Qwen3-MoE in the Qwen3-MoE-FP8 layout: attention and every expert's gate / up / down projection in FP8
     with block scales, the experts stored one by one (`mlp.experts.<e>.gate_proj.weight`, ...), as published."""
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
@@ -503,16 +506,7 @@ def write_fp8_moe_checkpoint(path) -> None:
             tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
         else:
             tensors[name] = param.contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    fields = config.to_dict()
-    fields.update(architectures=["Qwen3MoeForCausalLM"], dtype="bfloat16")
-    fields["quantization_config"] = {
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-        "activation_scheme": "dynamic",
-    }
-    (path / "config.json").write_text(json.dumps(fields))
+    save_checkpoint(path, model, tensors, FP8_QUANTIZATION)
 
 
 @pytest.mark.parametrize("kind, cache", [("nvme", 2), ("cpu", 0)])
@@ -611,7 +605,6 @@ def test_weight_bits_on_an_fp8_checkpoint_is_refused(tmp_path):
 def write_mxfp4_checkpoint(path) -> None:
     """A tiny gpt-oss whose experts are stored as the gpt-oss release stores them: `<param>_blocks` (two E2M1 values
     per byte, 32 per block along the input) and `<param>_scales` (E8M0 exponents), `quant_method` "mxfp4"."""
-    from safetensors.torch import save_file
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
@@ -631,12 +624,7 @@ def write_mxfp4_checkpoint(path) -> None:
             tensors[name + "_scales"] = torch.randint(120, 128, blocks[:3], dtype=torch.uint8, generator=generator)
         else:
             tensors[name] = param.contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    fields = config.to_dict()
-    fields.update(architectures=["GptOssForCausalLM"], dtype="bfloat16")
-    fields["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router"]}
-    (path / "config.json").write_text(json.dumps(fields))
+    save_checkpoint(path, model, tensors, {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router"]})
 
 
 @pytest.mark.parametrize("kind, cache", [("nvme", 2), ("cpu", 0)])

@@ -156,13 +156,14 @@ def load_offloaded(
             raise ValueError(f"load_offloaded places the weights itself: do not pass {placed}")
         from_pretrained_kwargs.pop(placed, None)
     _check_safetensors(name_or_path)
-    _check_quantizable(name_or_path, config, from_pretrained_kwargs)
-    scheme = _checkpoint_scheme(name_or_path, from_pretrained_kwargs)  # an FP8 checkpoint, streamed as stored
+    model_config = _model_config(name_or_path, from_pretrained_kwargs)
+    scheme = _checkpoint_scheme(name_or_path, model_config)  # an FP8 / MXFP4 checkpoint, streamed as stored
     if scheme is not None and config.weight_bits is not None:
         raise ValueError(
             f"weight_bits ({config.weight_bits}) asks to quantize {name_or_path}, which is published quantized "
             f"({scheme.label}): use weight_bits=None, its weights are streamed as stored"
         )
+    _check_quantizable(model_config, config, from_pretrained_kwargs)
     if dtype is None:
         dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
@@ -209,33 +210,35 @@ def load_offloaded(
     return model
 
 
-def _check_quantizable(name_or_path: str, config, from_pretrained_kwargs: dict) -> None:
+_HUB_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+def _model_config(name_or_path: str, from_pretrained_kwargs: dict):
+    """The checkpoint's config, read once before anything is loaded (for the checks below)."""
+    from transformers import AutoConfig
+
+    hub_kwargs = {key: from_pretrained_kwargs[key] for key in _HUB_KWARGS if key in from_pretrained_kwargs}
+    return AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+
+
+def _check_quantizable(model_config, config, from_pretrained_kwargs: dict) -> None:
     """A low-bit store's matrices must be groupable: checked on the model built on the meta device from its config
     alone, before any weight is read."""
     if config.weight_bits is None:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hub = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-    hub_kwargs = {key: from_pretrained_kwargs[key] for key in hub if key in from_pretrained_kwargs}
-    model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            model_config, trust_remote_code=hub_kwargs.get("trust_remote_code", False)
+            model_config, trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False)
         )
     quantization_targets(model, QuantScheme(config.weight_bits, config.weight_group_size))
 
 
-def _checkpoint_scheme(name_or_path: str, from_pretrained_kwargs: dict) -> Fp8BlockScheme | Mxfp4Scheme | None:
-    """The scheme of a checkpoint published quantized in a format the store keeps as it is (FP8 with block scales),
-    read from its config before anything is loaded; None for a full-precision checkpoint (or, with a warning, a
-    format the store keeps as transformers dequantizes it). A clear ValueError for a block size it cannot keep."""
-    from transformers import AutoConfig
-
-    hub = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-    model_config = AutoConfig.from_pretrained(
-        name_or_path, **{key: from_pretrained_kwargs[key] for key in hub if key in from_pretrained_kwargs}
-    )
+def _checkpoint_scheme(name_or_path: str, model_config) -> Fp8BlockScheme | Mxfp4Scheme | None:
+    """The scheme of a checkpoint published quantized in a format the store keeps as it is (FP8 with block scales,
+    MXFP4), from its config; None for a full-precision checkpoint (or, with a warning, a format the store keeps as
+    transformers dequantizes it). A clear ValueError for a block size it cannot keep."""
     quantization = getattr(model_config, "quantization_config", None)
     if quantization is None:
         return None

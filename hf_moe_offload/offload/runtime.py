@@ -228,13 +228,7 @@ class OffloadRuntime:
             }
         self.tensor_align = tensor_alignment(device)
         # a low-bit store: the matrices stored as their packed parts, dequantized into full-precision buffers
-        if targets:  # a checkpoint's own quantized matrices (FP8), stored as it holds them
-            if config.weight_bits is not None:
-                raise ValueError(
-                    f"weight_bits ({config.weight_bits}) asks to quantize a checkpoint that is already quantized "
-                    f"({next(iter(targets.values())).scheme.label}): use weight_bits=None, its weights are streamed "
-                    f"as stored"
-                )
+        if targets:  # a checkpoint's own quantized matrices (FP8, MXFP4), stored as it holds them (`loading.py`)
             self.scheme = next(iter(targets.values())).scheme
             self.targets = dict(targets)
         else:
@@ -540,15 +534,16 @@ class OffloadRuntime:
         parts = target.parts() if target is not None else (spec,)
         # the ids reach the host once (the rows to read depend on them); the rest is host work, then queued copies
         unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        rows = unique.tolist()
         gathered = []
         error = None
         try:
-            for row in unique.tolist():
+            for row in rows:
                 if not 0 <= row < spec.shape[0]:
                     raise IndexError(
                         f"index {row} is out of range for the embedding {spec.name} of {spec.shape[0]} rows"
                     )
-            gathered = [self._read_rows(unit, part, unique.tolist()) for part in parts]
+            gathered = [self._read_rows(unit, part, rows) for part in parts]
         except Exception as err:
             if self.group is None:
                 raise
