@@ -104,8 +104,8 @@ def model_configs(args, tokenizer) -> dict[str, GPTMoEConfig]:
     big = {"hidden_size": 2 * h, "num_attention_heads": 2 * h // 32, "intermediate_size": 8 * h}  # 4x non-embedding
     moe = {
         "num_experts": args.experts,
-        "num_experts_per_tok": 1,
-        "moe_layer_frequency": 2,
+        "num_experts_per_tok": args.top_k,
+        "moe_layer_frequency": args.moe_layer_frequency,
         "capacity_factor": args.capacity_factor,
         "eval_capacity_factor": None,  # dropless evaluation
         "router_aux_loss_coef": args.router_aux_loss_coef,
@@ -426,6 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=128, help="S's width; 4xS doubles it")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=1, help="experts per token of S+MoE (1: DeepSpeed-MoE's top-1)")
+    parser.add_argument(
+        "--moe-layer-frequency", type=int, default=2, help="S+MoE has MoE on every N-th layer (1: every layer)"
+    )
     parser.add_argument("--capacity-factor", type=float, default=2.0)
     parser.add_argument("--router-aux-loss-coef", type=float, default=0.01)
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0)
@@ -440,7 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show the Trainer's progress bar")
     args = parser.parse_args(argv)
-    for name in ("vocab_size", "block_size", "validation_every", "hidden_size", "layers", "experts", "batch_size"):
+    for name in ("vocab_size", "block_size", "validation_every", "hidden_size", "layers", "experts", "batch_size",
+                 "top_k", "moe_layer_frequency"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.hidden_size % 32:

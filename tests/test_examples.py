@@ -116,3 +116,16 @@ def test_deepspeed_model_without_deepspeed_is_a_clear_error(tmp_path, monkeypatc
         train_gpt_moe.main(
             ["--output-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r"), *SMALL, "--models", "S+DS-MoE-4"]
         )
+
+
+def test_moe_recipe_options_reach_the_moe_model_only(tmp_path):
+    args = ["--output-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *SMALL]
+    train_gpt_moe.main([*args, "--models", "S+MoE-4", "--top-k", "2", "--moe-layer-frequency", "1"])
+    config = json.loads((tmp_path / "runs" / "S+MoE-4" / "final" / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 2 and config["moe_layer_frequency"] == 1
+    parsed = train_gpt_moe.parse_args([*args, "--top-k", "2", "--moe-layer-frequency", "1"])
+    tokenizer = train_gpt_moe.PreTrainedTokenizerFast.from_pretrained(tmp_path / "runs" / "data" / "tokenizer")
+    configs = train_gpt_moe.model_configs(parsed, tokenizer)
+    assert all(not configs[name].is_moe_layer(i) for name in ("S", "4xS") for i in range(2))
+    with pytest.raises(SystemExit):
+        train_gpt_moe.parse_args([*args, "--top-k", "0"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -331,3 +332,69 @@ def test_router_stays_fp32_under_autocast():
         logits, (weights, _) = router(hidden)
     assert logits.dtype == weights.dtype == torch.float32
     assert torch.equal(logits, F.linear(hidden, router.weight))
+
+
+def test_recycled_buffers_hand_memory_out_again_only_when_nothing_else_holds_it():
+    buffers = modeling_gpt_moe.RecycledBuffers()
+    first = buffers.empty("w", (4, 3), torch.float32)
+    second = buffers.empty("w", (4, 3), torch.float32)
+    addresses = {first.data_ptr(), second.data_ptr()}
+    assert len(addresses) == 2  # the first is still held
+    del second
+    assert buffers.empty("w", (4, 3), torch.float32).data_ptr() in addresses  # free again: handed out again
+    holders = (lambda t: t[1:], lambda t: t.detach(), lambda t: t.numpy(), lambda t: t.untyped_storage())
+    for holder in holders:
+        kept = holder(first)  # a view, a numpy array or the storage object alone keeps the memory in use
+        address = first.data_ptr()
+        del first
+        again = buffers.empty("w", (4, 3), torch.float32)
+        other = buffers.empty("w", (4, 3), torch.float32)
+        assert address not in (again.data_ptr(), other.data_ptr())
+        del again, other, kept
+        first = buffers.empty("w", (4, 3), torch.float32)
+        assert first.data_ptr() in addresses  # recycled (this checks torch still counts a storage's references)
+    assert buffers.empty("w", (4, 3), torch.float64).dtype == torch.float64  # another dtype: other memory
+    assert buffers.nbytes > 0
+    buffers.clear()
+    assert buffers.nbytes == 0 and first.sum().isfinite()  # what was handed out stays valid
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sorted_mm_recycles_gradient_memory_but_never_writes_a_gradient_still_held(autocast, sorted_mm_layout):
+    config = make_config()
+    config._experts_implementation = "sorted_mm"
+    experts = init_module(GPTMoEExperts(config, 4), std=0.1).train()
+    fresh = copy.deepcopy(experts)  # the same module computing on freshly allocated memory
+    fresh.recycled_buffers = None
+    hidden = torch.randn(32, config.hidden_size)
+    index = torch.randint(0, 4, (32, 1))
+    weights = torch.rand(32, 1)
+
+    def step(module, scale, backwards=1):
+        for _ in range(backwards):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = module(hidden * scale, index, weights)
+            out.backward(torch.ones_like(out))
+        grads = [module.up_proj.grad, module.down_proj.grad]
+        module.zero_grad(set_to_none=True)  # what Trainer and the optimizers do
+        assert all(g.dtype == torch.float32 for g in grads)
+        return grads
+
+    held = step(experts, 1.0)  # a caller keeps the first step's gradients
+    held_values = [g.clone() for g in held]
+    second = step(experts, 2.0)
+    assert not {g.data_ptr() for g in second} & {g.data_ptr() for g in held}
+    for got, want in zip(held, held_values):
+        assert torch.equal(got, want)  # untouched by the second step
+    for got, want in zip(second, step(fresh, 2.0)):
+        assert torch.equal(got, want)
+    addresses = {g.data_ptr() for g in held + second}
+    del held, second
+    third = step(experts, 3.0, backwards=2)  # gradient accumulation: the second backward adds into the first
+    assert {g.data_ptr() for g in third} <= addresses  # recycled, no new memory
+    for got, want in zip(third, step(fresh, 3.0, backwards=2)):
+        assert torch.equal(got, want)
+    assert experts.recycled_buffers.nbytes > 0
+    assert copy.deepcopy(experts).recycled_buffers.nbytes == 0  # copies start empty
+    experts.eval()  # lets the memory go
+    assert experts.recycled_buffers.nbytes == 0

@@ -8,6 +8,8 @@
 # return annotation of `forward` (the output class whose fields `output_router_logits` and the output recorder fill).
 import math
 import os
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +87,73 @@ class GPTMoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
+def _storage_references(tensor: torch.Tensor) -> tuple[int, int]:
+    # torch has no public reference count of a storage: this is the one look into its internals, made only by
+    # `RecycledBuffers`. The c10 count sees every other tensor (views, `.data`, numpy arrays and DLPack capsules hold
+    # one); the Python count of the storage object sees a caller who kept `tensor.untyped_storage()` itself (torch
+    # hands out one Python object per storage). tests/test_moe_layer.py checks both on the installed torch.
+    storage = tensor.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+
+_UNSHARED_REFERENCES = _storage_references(torch.empty(1))  # the counts of a tensor nothing else refers to
+
+
+class RecycledBuffers:
+    """
+    CPU memory for large per-step tensors of one experts module (its weight gradients, their autocast copies), handed
+    out again on later steps. Why: an `(experts, out, in)` weight gradient is far above glibc's mmap threshold (32 MB),
+    so freeing it (`zero_grad(set_to_none=True)`, what `Trainer` and the optimizers do) gives it back to the OS and the
+    next backward page-faults all of it in again: 0.15-0.3 s per 512 MB on 2 cores, the largest cost of a 128-expert
+    layer (DeepSpeed's per-expert `nn.Linear`s have 4 MB gradients, which stay in the malloc heap). A buffer is handed
+    out only when nothing but this object refers to its memory: not the `.grad` it became, a view, a saved tensor, an
+    optimizer's reference, a numpy array or the storage object, so no tensor anyone still holds is ever written. The
+    memory is kept until `clear()` (the module's `eval()`): between steps it holds what the next backward would
+    allocate anyway.
+    """
+
+    # Per name: the `.grad` a caller holds between steps, and the one a second backward makes before adding into it.
+    max_buffers_per_name = 2
+
+    def __init__(self):
+        self._buffers: dict[str, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor of `shape` and `dtype`, on recycled memory when a buffer of `name` is free."""
+        shape = tuple(shape)
+        with self._lock:  # a free buffer is claimed (referenced) before another thread can see it free
+            kept, found = [], None
+            for buffer in self._buffers.get(name, []):
+                free = _storage_references(buffer) == _UNSHARED_REFERENCES
+                fits = buffer.shape == shape and buffer.dtype == dtype
+                if free and fits and found is None:
+                    found = buffer
+                if fits or not free:  # a free buffer of another shape or dtype is let go
+                    kept.append(buffer)
+            if found is None:
+                found = torch.empty(shape, dtype=dtype)
+                if len(kept) < self.max_buffers_per_name:
+                    kept.append(found)
+            self._buffers[name] = kept
+            # a tensor of its own on the buffer's memory: autograd takes it as `.grad` without a copy
+            return torch.empty(0, dtype=dtype).set_(found.untyped_storage(), 0, shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of memory kept (free or handed out)."""
+        with self._lock:
+            return sum(buffer.nbytes for buffers in self._buffers.values() for buffer in buffers)
+
+    def clear(self) -> None:
+        """Lets go of every buffer (tensors handed out stay valid: they hold their own memory)."""
+        with self._lock:
+            self._buffers.clear()
+
+    def __reduce__(self):  # copies and pickles of a module start empty (no memory, no lock)
+        return (type(self), ())
+
+
 @use_experts_implementation(has_gate=False, has_bias=True)
 class GPTMoEExperts(nn.Module):
     """The experts of one MoE layer, stacked as 3-D weights in the transformers v5 experts layout."""
@@ -99,6 +168,14 @@ class GPTMoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, self.hidden_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        # The CPU memory of the experts' weight gradients (and autocast copies), reused across training steps by
+        # `sorted_mm` (see `RecycledBuffers`); emptied by `eval()`.
+        self.recycled_buffers = RecycledBuffers()
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.recycled_buffers.clear()
+        return super().train(mode)
 
     def forward(
         self,
@@ -144,10 +221,12 @@ def _sorted_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def _sorted_linear_backward(
-    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, counts: list[int]
+    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, counts: list[int], grad_weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `_sorted_linear` for its weight, bias and inputs; each expert writes its own slices once."""
-    grad_weight = torch.empty_like(weight)  # (experts, out_features, in_features)
+    """
+    Gradients of `_sorted_linear` for its weight (written into `grad_weight`, shaped as `weight`), bias and inputs;
+    each expert writes its own slices once.
+    """
     grad_bias = weight.new_empty(weight.shape[:2])  # (experts, out_features)
     grad_inputs = torch.empty_like(inputs)  # (assignments, in_features)
     start = 0
@@ -164,16 +243,31 @@ def _sorted_linear_backward(
     return grad_weight, grad_bias, grad_inputs
 
 
+def _activation_backward(act_fn: Callable, grad: torch.Tensor, pre_activation: torch.Tensor) -> torch.Tensor:
+    """The gradient through `act_fn` at `pre_activation`."""
+    if isinstance(act_fn, GELUActivation) and act_fn.act is F.gelu:
+        return torch.ops.aten.gelu_backward(grad, pre_activation)
+    with torch.enable_grad():  # any other activation: differentiate it again on the saved pre-activation
+        leaf = pre_activation.detach().requires_grad_()
+        (grad_pre,) = torch.autograd.grad(act_fn(leaf), leaf, grad)
+    return grad_pre
+
+
 def _padded_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`inputs[e] @ weight[e].T + bias[e]` for every expert, on a (experts, capacity, in_features) buffer."""
     return torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))  # (experts, capacity, out_features)
 
 
 def _padded_linear_backward(
-    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
+    grad_output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, grad_weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `_padded_linear`; padding rows hold zero gradients, so they add nothing."""
-    return torch.bmm(grad_output.transpose(1, 2), inputs), grad_output.sum(dim=1), torch.bmm(grad_output, weight)
+    """Gradients of `_padded_linear` (the weight's written into `grad_weight`); padding rows hold zero gradients."""
+    torch.bmm(grad_output.transpose(1, 2), inputs, out=grad_weight)
+    return grad_weight, grad_output.sum(dim=1), torch.bmm(grad_output, weight)
+
+
+def _empty(buffers: "RecycledBuffers | None", name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype) if buffers is None else buffers.empty(name, shape, dtype)
 
 
 class _SortedExpertsFunction(torch.autograd.Function):
@@ -186,17 +280,28 @@ class _SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
+        ctx,
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        up_proj,
+        up_proj_bias,
+        down_proj,
+        down_proj_bias,
+        act_fn,
+        buffers,
     ):
         # Under autocast the experts compute in the autocast dtype, as `F.linear` would: on casted copies of the
         # weights, whose gradients are cast back to the parameters' dtype in `backward`.
         device_type = hidden_states.device.type
         ctx.parameter_dtypes = (up_proj.dtype, up_proj_bias.dtype, down_proj.dtype, down_proj_bias.dtype)
+        ctx.buffers = buffers
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            up_proj, up_proj_bias, down_proj, down_proj_bias = (
-                p.to(dtype) for p in (up_proj, up_proj_bias, down_proj, down_proj_bias)
-            )
+            up_proj_bias, down_proj_bias = up_proj_bias.to(dtype), down_proj_bias.to(dtype)
+            if up_proj.dtype != dtype:
+                up_proj = _empty(buffers, "up_proj_autocast", up_proj.shape, dtype).copy_(up_proj)
+                down_proj = _empty(buffers, "down_proj_autocast", down_proj.shape, dtype).copy_(down_proj)
         with torch.autocast(device_type, enabled=False):
             return _SortedExpertsFunction._forward(
                 ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
@@ -251,9 +356,16 @@ class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         with torch.autocast(grad_output.device.type, enabled=False):
-            grads = _SortedExpertsFunction._backward(ctx, grad_output)
-        parameter_grads = (g.to(dtype) for g, dtype in zip(grads[3:7], ctx.parameter_dtypes))
-        return (*grads[:3], *parameter_grads, None)
+            grads = list(_SortedExpertsFunction._backward(ctx, grad_output))
+        for i, name in ((3, "up_proj"), (4, None), (5, "down_proj"), (6, None)):
+            dtype = ctx.parameter_dtypes[i - 3]
+            if grads[i].dtype != dtype:  # autocast: the gradient of the parameter, in its dtype
+                grads[i] = (
+                    grads[i].to(dtype)
+                    if name is None
+                    else _empty(ctx.buffers, name, grads[i].shape, dtype).copy_(grads[i])
+                )
+        return (*grads, None, None)
 
     @staticmethod
     def _backward(ctx, grad_output):
@@ -265,10 +377,17 @@ class _SortedExpertsFunction(torch.autograd.Function):
         )  # (tokens * k,)
         grad_weights.index_copy_(0, order, (down.float() * sorted_grad).sum(-1).to(ctx.weights_dtype))
         grad_down = (sorted_grad * sorted_weights[:, None]).to(down.dtype)  # (assignments, hidden)
+        # The weight gradients in the compute dtype: handed to autograd as they are, or cast into the parameters'
+        # dtype by `backward` (then these are scratch, named apart from the gradients).
+        names = (
+            ("up_proj", "down_proj") if down_proj.dtype == ctx.parameter_dtypes[2] else ("up_scratch", "down_scratch")
+        )
+        grad_up_proj = _empty(ctx.buffers, names[0], up_proj.shape, up_proj.dtype)
+        grad_down_proj = _empty(ctx.buffers, names[1], down_proj.shape, down_proj.dtype)
         if slots is None:
 
-            def linear_backward(grad, inputs, weight):
-                return _sorted_linear_backward(grad, inputs, weight, ctx.counts)
+            def linear_backward(grad, inputs, weight, grad_weight):
+                return _sorted_linear_backward(grad, inputs, weight, ctx.counts, grad_weight)
         else:
             linear_backward = _padded_linear_backward
             grad_down = (
@@ -276,15 +395,11 @@ class _SortedExpertsFunction(torch.autograd.Function):
                 .index_copy_(0, slots, grad_down)
                 .view(up.shape[0], up.shape[1], -1)
             )  # (experts, capacity, hidden)
-
-        grad_down_proj, grad_down_bias, grad_activated = linear_backward(grad_down, activated, down_proj)
-        if isinstance(ctx.act_fn, GELUActivation) and ctx.act_fn.act is F.gelu:
-            grad_up = torch.ops.aten.gelu_backward(grad_activated, up)
-        else:  # any other activation: differentiate it again on the saved pre-activation
-            with torch.enable_grad():
-                up_leaf = up.detach().requires_grad_()
-                (grad_up,) = torch.autograd.grad(ctx.act_fn(up_leaf), up_leaf, grad_activated)
-        grad_up_proj, grad_up_bias, grad_states = linear_backward(grad_up, states, up_proj)
+        grad_down_proj, grad_down_bias, grad_activated = linear_backward(
+            grad_down, activated, down_proj, grad_down_proj
+        )
+        grad_up = _activation_backward(ctx.act_fn, grad_activated, up)
+        grad_up_proj, grad_up_bias, grad_states = linear_backward(grad_up, states, up_proj, grad_up_proj)
 
         if slots is not None:
             grad_states = grad_states.view(-1, grad_states.shape[-1]).index_select(0, slots)  # (assignments, hidden)
@@ -319,6 +434,7 @@ def sorted_mm_experts_forward(
         self.down_proj,
         self.down_proj_bias,
         self.act_fn,
+        getattr(self, "recycled_buffers", None),
     )
 
 
