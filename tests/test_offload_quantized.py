@@ -479,18 +479,31 @@ def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols), scale.view(rows // 128, cols // 128)
 
 
-def write_fp8_moe_checkpoint(path) -> None:
-    """A tiny Qwen3-MoE in the Qwen3-MoE-FP8 layout: attention and every expert's gate / up / down projection in FP8
-    with block scales, the experts stored one by one (`mlp.experts.<e>.gate_proj.weight`, ...), as published."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def write_fp8_moe_checkpoint(path, family: str = "qwen3_moe") -> None:
+    """A tiny MoE in the layout of the FP8 releases: every matrix of the layers in FP8 with block scales but the router
+    (attention, dense and shared MLPs, and each expert's gate / up / down projection stored one by one,
+    `mlp.experts.<e>.gate_proj.weight`, ...), as Qwen3-MoE-FP8 (`family="qwen3_moe"`) and DeepSeek-V3 (`"deepseek_v3"`,
+    with MLA attention, a dense first layer and a shared expert) publish them."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    shape = {"hidden_size": 256, "moe_intermediate_size": 128, "intermediate_size": 256, "head_dim": 128}
-    config = Qwen3MoeConfig(
-        **shape, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB_FP8,
-        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-    )  # fmt: skip
-    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    common = {"hidden_size": 256, "moe_intermediate_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+    common.update(num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB_FP8, tie_word_embeddings=False)
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            **common, head_dim=128, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]
+        )
+        model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    else:  # every MLA matrix a whole number of 128x128 blocks
+        config = DeepseekV3Config(
+            **{**common, "num_attention_heads": 1}, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=128,
+            qk_rope_head_dim=128, v_head_dim=128, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=1,
+        )  # fmt: skip
+        model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
+        with torch.no_grad():  # a router bias that changes the choice of experts (transformers initialises it to 0)
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
     tensors = {}
     for name, param in model.state_dict().items():
         module, _, attr = name.rpartition(".")
@@ -502,18 +515,20 @@ def write_fp8_moe_checkpoint(path) -> None:
                     values, scale = fp8_blocks(piece)
                     tensors[f"{module}.{e}.{piece_name}.weight"] = values
                     tensors[f"{module}.{e}.{piece_name}.weight_scale_inv"] = scale
-        elif "self_attn" in name and param.dim() == 2:
+        elif ".layers." in name and param.dim() == 2 and not name.endswith("mlp.gate.weight"):
             tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(param)
         else:
             tensors[name] = param.contiguous()
     save_checkpoint(path, model, tensors, FP8_QUANTIZATION)
 
 
-@pytest.mark.parametrize("kind, cache", [("nvme", 2), ("cpu", 0)])
-def test_an_fp8_moe_checkpoint_streams_its_per_expert_tensors_as_stored(kind, cache, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "family, kind, cache", [("qwen3_moe", "nvme", 2), ("qwen3_moe", "cpu", 0), ("deepseek_v3", "nvme", 2)]
+)
+def test_an_fp8_moe_checkpoint_streams_its_per_expert_tensors_as_stored(family, kind, cache, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
-    write_fp8_moe_checkpoint(tmp_path / "ckpt")
+    write_fp8_moe_checkpoint(tmp_path / "ckpt", family)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()  # dequantized, experts fused
     ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0))
     config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), expert_cache_size=cache)
@@ -524,7 +539,7 @@ def test_an_fp8_moe_checkpoint_streams_its_per_expert_tensors_as_stored(kind, ca
         stats = generate_stats(model, reference, ids)
     finally:
         disable_offload(model)
-    experts = reference.model.layers[0].mlp.experts
+    experts = next(layer.mlp.experts for layer in reference.model.layers if hasattr(layer.mlp, "experts"))
     full = sum(p[0].numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj))
     fetches = stats.expert_cache_misses + stats.speculative_fetches
     # an expert moves as FP8 (1 byte per weight, a float32 per 128x128 block), half its bf16 bytes and a little more
