@@ -453,16 +453,17 @@ def _register_tensor_parallel_styles() -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, MoeExpertsParallel, TensorParallelLayer
 
+    # `**kwargs`: transformers 5.25 passes `config` and `mesh_manager` to these methods, 5.24 does not.
     class ShardLastDim(TensorParallelLayer):
-        def shard_param(self, module, param, mesh):
+        def shard_param(self, module, param, mesh, **kwargs):
             meta = module._parameters.get(param)
             if meta is not None:
                 sharded = distribute_tensor(meta, mesh, [Shard(meta.ndim - 1)], src_data_rank=None)
                 module._parameters[param] = nn.Parameter(sharded, requires_grad=meta.requires_grad)
 
     class ExpertsWithBiasParallel(MoeExpertsParallel):
-        def install_forward(self, module, mesh):
-            module = super().install_forward(module, mesh)
+        def install_forward(self, module, mesh, **kwargs):
+            module = super().install_forward(module, mesh, **kwargs)
             group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
             hooked: list[nn.Parameter] = []
 
