@@ -270,6 +270,11 @@ def _empty(buffers: "RecycledBuffers | None", name: str, shape: tuple[int, ...],
     return torch.empty(shape, dtype=dtype) if buffers is None else buffers.empty(name, shape, dtype)
 
 
+def _in_dtype(buffers: "RecycledBuffers | None", name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` itself when it has `dtype`, else a copy in `dtype` (on the buffers' memory of `name`)."""
+    return tensor if tensor.dtype == dtype else _empty(buffers, name, tensor.shape, dtype).copy_(tensor)
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     """
     The experts of one layer on the routed token rows grouped by expert (sorted or padded layout, see above), with a
@@ -299,9 +304,8 @@ class _SortedExpertsFunction(torch.autograd.Function):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             up_proj_bias, down_proj_bias = up_proj_bias.to(dtype), down_proj_bias.to(dtype)
-            if up_proj.dtype != dtype:
-                up_proj = _empty(buffers, "up_proj_autocast", up_proj.shape, dtype).copy_(up_proj)
-                down_proj = _empty(buffers, "down_proj_autocast", down_proj.shape, dtype).copy_(down_proj)
+            up_proj = _in_dtype(buffers, "up_proj_autocast", up_proj, dtype)
+            down_proj = _in_dtype(buffers, "down_proj_autocast", down_proj, dtype)
         with torch.autocast(device_type, enabled=False):
             return _SortedExpertsFunction._forward(
                 ctx, hidden_states, top_k_index, top_k_weights, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn
@@ -356,16 +360,22 @@ class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         with torch.autocast(grad_output.device.type, enabled=False):
-            grads = list(_SortedExpertsFunction._backward(ctx, grad_output))
-        for i, name in ((3, "up_proj"), (4, None), (5, "down_proj"), (6, None)):
-            dtype = ctx.parameter_dtypes[i - 3]
-            if grads[i].dtype != dtype:  # autocast: the gradient of the parameter, in its dtype
-                grads[i] = (
-                    grads[i].to(dtype)
-                    if name is None
-                    else _empty(ctx.buffers, name, grads[i].shape, dtype).copy_(grads[i])
-                )
-        return (*grads, None, None)
+            grad_hidden, grad_index, grad_weights, grad_up, grad_up_bias, grad_down, grad_down_bias = (
+                _SortedExpertsFunction._backward(ctx, grad_output)
+            )
+        # autocast: the parameters' gradients in the parameters' dtypes
+        up_dtype, up_bias_dtype, down_dtype, down_bias_dtype = ctx.parameter_dtypes
+        return (
+            grad_hidden,
+            grad_index,
+            grad_weights,
+            _in_dtype(ctx.buffers, "up_proj", grad_up, up_dtype),
+            grad_up_bias.to(up_bias_dtype),
+            _in_dtype(ctx.buffers, "down_proj", grad_down, down_dtype),
+            grad_down_bias.to(down_bias_dtype),
+            None,
+            None,
+        )
 
     @staticmethod
     def _backward(ctx, grad_output):
