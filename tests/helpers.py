@@ -1,7 +1,10 @@
 """What the tests share: tiny models of every architecture the runtime claims, prompts, store configs, the naive
-references (in-memory logits and tokens, cached per test module) and the assertions on weights put back."""
+references (in-memory logits and tokens, cached per test module), the assertions on weights put back, and the end of
+every script run on several processes."""
 
 from __future__ import annotations
+
+import textwrap
 
 import torch
 from transformers import (
@@ -131,3 +134,37 @@ def reference(arch: str, max_new_tokens: int = 6) -> tuple[torch.Tensor, torch.T
 
 
 _REFERENCES: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+# The last lines of every script the tests run on several processes. Every rank is past its last collective, so
+# destroying the process group waits on no one; then the process leaves without the interpreter's finalization. A gloo
+# worker thread that frees its last work item while the interpreter finalizes needs the GIL to drop a Python object,
+# is ended by the finalizing interpreter and aborts the process ("terminate called without an active exception",
+# pytorch#190489; a core dump here, torch 2.13: ProcessGroupGloo::runLoop -> ~ThreadLocalState -> SafePyObject decref
+# -> take_gil -> pthread_exit). `destroy_process_group` does not prevent it: gloo has no shutdown, and a DDP model
+# keeps its group alive. A script is judged by what it wrote and by its exit code up to these lines.
+SCRIPT_END = """
+import os as _os, sys as _sys
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.destroy_process_group()
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)
+"""
+
+
+def ended(script: str) -> str:
+    """`script` (dedented) followed by `SCRIPT_END`."""
+    return textwrap.dedent(script) + SCRIPT_END
+
+
+def running(path, run_name: str = "__main__") -> str:
+    """A script that runs the file `path` as `python path ARGS` would, followed by `SCRIPT_END`."""
+    return ended(
+        f"""
+        import runpy, sys
+        sys.argv[0] = {str(path)!r}
+        runpy.run_path({str(path)!r}, run_name={run_name!r})
+        """
+    )

@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ended, running
 
 from hf_moe_offload import GPTMoEConfig, GPTMoEForCausalLM
 from hf_moe_offload.training import stdlib_modules, train_bpe_tokenizer
@@ -23,10 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(tmp_path: Path, script: str | Path, *args: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """Runs `script` on 2 CPU processes with `torchrun` or `accelerate launch`; returns the finished process."""
-    if isinstance(script, str):
-        path = tmp_path / "script.py"
-        path.write_text(textwrap.dedent(script))
-        script = path
+    path = tmp_path / "script.py"
+    path.write_text(ended(script) if isinstance(script, str) else running(script))  # see helpers.SCRIPT_END
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     else:
@@ -36,7 +34,7 @@ def launch(tmp_path: Path, script: str | Path, *args: str, launcher: str = "torc
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [*command, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [*command, str(path), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
 
 

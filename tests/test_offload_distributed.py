@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import nvme_path, prompts, tiny_model
+from helpers import ended, nvme_path, prompts, tiny_model
 
 
 def torchrun(script, tmp_path, timeout: int) -> subprocess.CompletedProcess:
@@ -35,7 +34,7 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
     torch.save({"ids": ids, "tokens": tokens}, tmp_path / "reference.pt")
     script = tmp_path / "offload_generate.py"
     script.write_text(
-        textwrap.dedent(
+        ended(
             f"""
         import os
         import torch
@@ -55,7 +54,6 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
         # each process read about half of what landed in its slots (shares are 4 KiB aligned)
         assert 0.3 * stats.bytes_fetched < read < 0.7 * stats.bytes_fetched, (read, stats.bytes_fetched)
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
-        dist.destroy_process_group()
         """
         )
     )
@@ -74,7 +72,7 @@ def test_each_rank_stages_and_copies_only_its_share(tmp_path):
     torch.save({"ids": ids, "tokens": model.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
     script = tmp_path / "shares.py"
     script.write_text(
-        textwrap.dedent(
+        ended(
             f"""
         import os
         import torch
@@ -96,7 +94,6 @@ def test_each_rank_stages_and_copies_only_its_share(tmp_path):
         # copied: its share of every unit (shares are 4 KiB aligned), not the whole unit
         assert 0.3 * stats.bytes_fetched < stats.host_to_device_bytes < 0.7 * stats.bytes_fetched, stats
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
-        dist.destroy_process_group()
         """
         )
     )
@@ -144,9 +141,8 @@ with open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w") as f:
 def test_one_rank_failing_raises_on_every_rank_without_a_hang(where, tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "ckpt")
     script = tmp_path / "failing_rank.py"
-    script.write_text(
-        FAILING_RANK.format(ckpt=str(tmp_path / "ckpt"), store=str(tmp_path / "store"), where=where, out=str(tmp_path))
-    )
+    fields = {"ckpt": str(tmp_path / "ckpt"), "store": str(tmp_path / "store"), "where": where, "out": str(tmp_path)}
+    script.write_text(ended(FAILING_RANK.format(**fields)))
     result = torchrun(script, tmp_path, timeout=240)  # a hang would end in the timeout (gloo's own is 30 minutes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     failing = 0 if where == "open" else 1

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pytest
 import torch
-from helpers import nvme_path, prompts, store_config, tiny_model
+from helpers import ended, nvme_path, prompts, store_config, tiny_model
 from test_offload_distributed import torchrun
 from torch import nn
 
@@ -382,7 +381,7 @@ def test_two_processes_share_a_low_bit_store(tmp_path):
     torch.save({"ids": ids, "tokens": reference.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
     script = tmp_path / "quantized_generate.py"
     script.write_text(
-        textwrap.dedent(
+        ended(
             f"""
         import os
         import torch
@@ -398,7 +397,6 @@ def test_two_processes_share_a_low_bit_store(tmp_path):
         tokens = model.generate(reference["ids"], max_new_tokens=6, do_sample=False)
         assert torch.equal(tokens, reference["tokens"]), (tokens, reference["tokens"])
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
-        dist.destroy_process_group()
         """
         )
     )
