@@ -9,6 +9,12 @@ validation curves.
         --runs "MoE every other layer=benchmarks/results/train_gpt_moe_baseline_seed0.json" \\
                "MoE every layer=benchmarks/results/train_gpt_moe_every-layer_seed0.json" \\
         --output benchmarks/results/train_gpt_moe_variants
+
+With `--scaling FILE ...` it instead compares whole runs of S, S+MoE and 4xS made at different token counts (each
+file one `train_gpt_moe.py` run of the three models): does the MoE's share of the S -> 4xS gap grow with the data?
+
+    python benchmarks/train_variants.py --scaling benchmarks/results/train_gpt_moe_quarter_seed0.json \
+        benchmarks/results/train_gpt_moe.json --output benchmarks/results/train_gpt_moe_token_scaling
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ def load(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", type=Path, required=True, help="a result file with the S and 4xS models")
-    parser.add_argument("--runs", nargs="+", required=True, help="LABEL=RESULT_FILE[#MODEL] of S+MoE runs")
-    parser.add_argument("--output", type=Path, required=True, help="writes OUTPUT.md and OUTPUT.png")
+    parser.add_argument("--reference", type=Path, help="a result file with the S and 4xS models")
+    parser.add_argument("--runs", nargs="+", help="LABEL=RESULT_FILE[#MODEL] of S+MoE runs")
+    parser.add_argument("--scaling", nargs="+", type=Path, help="result files of S, S+MoE and 4xS at other tokens")
+    parser.add_argument("--output", type=Path, required=True, help="writes OUTPUT.md (and OUTPUT.png)")
     args = parser.parse_args()
+    if args.scaling:
+        if args.reference or args.runs:
+            raise ValueError("--scaling compares whole runs: give it without --reference and --runs")
+        scaling(args.scaling, args.output)
+        return
+    if not args.reference or not args.runs:
+        raise ValueError("--reference and --runs are both needed (or --scaling alone)")
     reference = {m["model"]: m for m in load(args.reference)["models"]}
     missing = {"S", "4xS"} - set(reference)
     if missing:
@@ -89,6 +103,33 @@ def main() -> None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(args.output.with_name(args.output.name + ".png"), dpi=120)
+
+
+def scaling(paths: list[Path], output: Path) -> None:
+    """The S -> 4xS gap and the S+MoE's share of it, one row per run (a token count), fewest tokens first."""
+    rows = []
+    for path in paths:
+        payload = load(path)
+        models = {m["model"]: m for m in payload["models"]}
+        moe = sorted(name for name in models if name.startswith("S+MoE"))
+        if "S" not in models or "4xS" not in models or len(moe) != 1:
+            raise ValueError(f"{path} must hold S, 4xS and one S+MoE model; it holds {sorted(models)}")
+        rows.append((models["S"]["tokens"], payload["command"], models["S"], models[moe[0]], models["4xS"], moe[0]))
+    rows.sort(key=lambda row: row[0])
+    lines = [
+        "| tokens | S | S+MoE | 4xS | S -> 4xS gap | MoE gain over S | gap closed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tokens, _, small, moe, big, _ in rows:
+        s_loss, m_loss, b_loss = (m["final_validation_loss"] for m in (small, moe, big))
+        lines.append(
+            f"| {tokens / 1e6:.2f}M | {s_loss:.4f} | {m_loss:.4f} | {b_loss:.4f} | {s_loss - b_loss:.4f} "
+            f"| {s_loss - m_loss:.4f} | {(s_loss - m_loss) / (s_loss - b_loss):.1%} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {tokens / 1e6:.2f}M tokens: `{command}`" for tokens, command, *_ in rows]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_name(output.name + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
