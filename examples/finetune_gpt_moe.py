@@ -92,9 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(str(args.output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
-    if torch.distributed.is_initialized():
-        # every rank is past its last collective (torch asks every script to end with this)
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
