@@ -91,10 +91,7 @@ def main() -> None:
     for checkout in args.checkouts:
         if not os.path.isdir(os.path.join(checkout, "hf_moe_offload")):
             raise ValueError(f"--checkouts: {checkout!r} holds no hf_moe_offload package")
-    forwarded = [a for a in sys.argv[1:] if a not in ("--json",)]
-    if args.json:  # drop the value of --json too
-        i = forwarded.index(args.json)
-        forwarded = forwarded[:i] + forwarded[i + 1 :]
+    forwarded = sys.argv[1:]  # a worker returns before writing any --json
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in args.checkouts}
     for round_ in range(args.rounds):
         for checkout in args.checkouts:

@@ -157,12 +157,8 @@ def ended(script: str) -> str:
     return textwrap.dedent(script) + SCRIPT_END
 
 
-def running(path, run_name: str = "__main__") -> str:
+def running(path) -> str:
     """A script that runs the file `path` as `python path ARGS` would, followed by `SCRIPT_END`."""
     return ended(
-        f"""
-        import runpy, sys
-        sys.argv[0] = {str(path)!r}
-        runpy.run_path({str(path)!r}, run_name={run_name!r})
-        """
+        f"import runpy, sys\nsys.argv[0] = {str(path)!r}\nrunpy.run_path({str(path)!r}, run_name='__main__')\n"
     )

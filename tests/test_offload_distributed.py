@@ -11,11 +11,14 @@ import torch
 from helpers import ended, nvme_path, prompts, tiny_model
 
 
-def torchrun(script, tmp_path, timeout: int) -> subprocess.CompletedProcess:
-    """`script` in 2 gloo processes (torchrun, standalone), one thread each, offline."""
+def torchrun(script: str, tmp_path, timeout: int, name: str) -> subprocess.CompletedProcess:
+    """The source `script`, written to `tmp_path / name` with `helpers.SCRIPT_END` after it, in 2 gloo processes
+    (torchrun, standalone), one thread each, offline."""
+    path = tmp_path / name
+    path.write_text(ended(script))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -32,10 +35,7 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
     ids = prompts()
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     torch.save({"ids": ids, "tokens": tokens}, tmp_path / "reference.pt")
-    script = tmp_path / "offload_generate.py"
-    script.write_text(
-        ended(
-            f"""
+    script = f"""
         import os
         import torch
         import torch.distributed as dist
@@ -55,9 +55,7 @@ def test_two_processes_split_each_read_and_generate_the_same_tokens(kind, tmp_pa
         assert 0.3 * stats.bytes_fetched < read < 0.7 * stats.bytes_fetched, (read, stats.bytes_fetched)
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
         """
-        )
-    )
-    result = torchrun(script, tmp_path, timeout=600)
+    result = torchrun(script, tmp_path, timeout=600, name="offload_generate.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
@@ -70,10 +68,7 @@ def test_each_rank_stages_and_copies_only_its_share(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     ids = prompts()
     torch.save({"ids": ids, "tokens": model.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
-    script = tmp_path / "shares.py"
-    script.write_text(
-        ended(
-            f"""
+    script = f"""
         import os
         import torch
         import torch.distributed as dist
@@ -95,9 +90,7 @@ def test_each_rank_stages_and_copies_only_its_share(tmp_path):
         assert 0.3 * stats.bytes_fetched < stats.host_to_device_bytes < 0.7 * stats.bytes_fetched, stats
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
         """
-        )
-    )
-    result = torchrun(script, tmp_path, timeout=600)
+    result = torchrun(script, tmp_path, timeout=600, name="shares.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
@@ -140,10 +133,9 @@ with open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w") as f:
 @pytest.mark.parametrize("where", ["open", "read"])
 def test_one_rank_failing_raises_on_every_rank_without_a_hang(where, tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "ckpt")
-    script = tmp_path / "failing_rank.py"
     fields = {"ckpt": str(tmp_path / "ckpt"), "store": str(tmp_path / "store"), "where": where, "out": str(tmp_path)}
-    script.write_text(ended(FAILING_RANK.format(**fields)))
-    result = torchrun(script, tmp_path, timeout=240)  # a hang would end in the timeout (gloo's own is 30 minutes)
+    # a hang would end in the timeout (gloo's own is 30 minutes)
+    result = torchrun(FAILING_RANK.format(**fields), tmp_path, timeout=240, name="failing_rank.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     failing = 0 if where == "open" else 1
     messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)}

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import ended, nvme_path, prompts, store_config, tiny_model
+from helpers import nvme_path, prompts, store_config, tiny_model
 from test_offload_distributed import torchrun
 from torch import nn
 
@@ -379,10 +379,7 @@ def test_two_processes_share_a_low_bit_store(tmp_path):
     reference = dequantized_copy(model, OffloadConfig(weight_bits=4, weight_group_size=GROUP))
     ids = prompts()
     torch.save({"ids": ids, "tokens": reference.generate(ids, max_new_tokens=6, do_sample=False)}, tmp_path / "ref.pt")
-    script = tmp_path / "quantized_generate.py"
-    script.write_text(
-        ended(
-            f"""
+    script = f"""
         import os
         import torch
         import torch.distributed as dist
@@ -398,9 +395,7 @@ def test_two_processes_share_a_low_bit_store(tmp_path):
         assert torch.equal(tokens, reference["tokens"]), (tokens, reference["tokens"])
         open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".ok"), "w").close()
         """
-        )
-    )
-    result = torchrun(script, tmp_path, timeout=600)
+    result = torchrun(script, tmp_path, timeout=600, name="quantized_generate.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
