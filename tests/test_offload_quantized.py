@@ -465,33 +465,55 @@ VOCAB_FP8 = 256
 
 
 def fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight` (rows, cols) as float8_e4m3fn values and a float32 scale per 128x128 block (DeepSeek-V3's recipe)."""
+    """`weight` (rows, cols) as float8_e4m3fn values and a float32 scale per 128x128 block (DeepSeek-V3's recipe); a
+    last block row or column the matrix only partly fills gets its own scale from the part it holds."""
     rows, cols = weight.shape
-    blocks = weight.float().view(rows // 128, 128, cols // 128, 128)
+    grid = (-(-rows // 128), -(-cols // 128))
+    padded = torch.zeros(grid[0] * 128, grid[1] * 128)
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.view(grid[0], 128, grid[1], 128)
     scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12) / 448.0
-    return (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols), scale.view(rows // 128, cols // 128)
+    values = (blocks / scale).to(torch.float8_e4m3fn).view(grid[0] * 128, grid[1] * 128)
+    return values[:rows, :cols].contiguous(), scale.view(grid)
 
 
-def write_fp8_moe_checkpoint(path, family: str = "qwen3_moe") -> None:
+def naive_fp8_dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The format's definition: element (i, j) times the scale of its 128x128 block (i // 128, j // 128), in float32,
+    rounded once to `dtype` (DeepSeek-V3's `weight_dequant`)."""
+    rows, cols = values.shape
+    per_element = scale.repeat_interleave(128, dim=0)[:rows].repeat_interleave(128, dim=1)[:, :cols]
+    return (values.to(torch.float32) * per_element).to(dtype)
+
+
+def write_fp8_moe_checkpoint(path, family: str = "qwen3_moe", partial: bool = False) -> dict[str, torch.Tensor]:
     """A tiny MoE in the layout of the FP8 releases: every matrix of the layers in FP8 with block scales but the router
     (attention, dense and shared MLPs, and each expert's gate / up / down projection stored one by one,
     `mlp.experts.<e>.gate_proj.weight`, ...), as Qwen3-MoE-FP8 (`family="qwen3_moe"`) and DeepSeek-V3 (`"deepseek_v3"`,
-    with MLA attention, a dense first layer and a shared expert) publish them."""
+    with MLA attention, a dense first layer and a shared expert) publish them. `partial`: MLA matrices that the blocks
+    do not divide, as DeepSeek-V3's own 576-row `kv_a_proj_with_mqa` (here 320x256, 192x256 and 256x64), or (Qwen3-MoE)
+    experts the blocks do not divide. Returns the checkpoint's tensors."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     common = {"hidden_size": 256, "moe_intermediate_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
     common.update(num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB_FP8, tie_word_embeddings=False)
-    if family == "qwen3_moe":
+    if family == "qwen3_moe":  # partial: experts of 64x256 and 256x64
         config = Qwen3MoeConfig(
-            **common, head_dim=128, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]
+            **{**common, "moe_intermediate_size": 64 if partial else 128},
+            head_dim=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
         )
         model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
-    else:  # every MLA matrix a whole number of 128x128 blocks
+    else:  # every MLA matrix a whole number of 128x128 blocks, or (partial) none of them
+        mla = {"kv_lora_rank": 128, "qk_nope_head_dim": 128, "qk_rope_head_dim": 128, "v_head_dim": 128}
+        if partial:  # kv_a_proj_with_mqa 320x256, q_proj and kv_b_proj 192x256, o_proj 256x64
+            mla.update(kv_lora_rank=256, qk_rope_head_dim=64, v_head_dim=64)
         config = DeepseekV3Config(
-            **{**common, "num_attention_heads": 1}, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=128,
-            qk_rope_head_dim=128, v_head_dim=128, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=1, topk_group=1, first_k_dense_replace=1,
+            **{**common, "num_attention_heads": 1}, **mla, q_lora_rank=None, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
         )  # fmt: skip
         model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
         with torch.no_grad():  # a router bias that changes the choice of experts (transformers initialises it to 0)
@@ -513,6 +535,7 @@ def write_fp8_moe_checkpoint(path, family: str = "qwen3_moe") -> None:
         else:
             tensors[name] = param.contiguous()
     save_checkpoint(path, model, tensors, FP8_QUANTIZATION)
+    return tensors
 
 
 @pytest.mark.parametrize(
@@ -537,6 +560,91 @@ def test_an_fp8_moe_checkpoint_streams_its_per_expert_tensors_as_stored(family, 
     fetches = stats.expert_cache_misses + stats.speculative_fetches
     # an expert moves as FP8 (1 byte per weight, a float32 per 128x128 block), half its bf16 bytes and a little more
     assert fetches > 0 and stats.expert_bytes_fetched <= fetches * (full / 2 + 4096)
+
+
+def naive_fp8_model(path, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of the FP8 checkpoint at `path` in memory, every FP8 matrix dequantized by `naive_fp8_dequantize`
+    (the per-expert ones stacked into the v5 experts parameters: gate rows, then up rows)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+    def value(name: str) -> torch.Tensor:
+        stored = tensors[name]
+        if stored.dtype != torch.float8_e4m3fn:
+            return stored
+        return naive_fp8_dequantize(stored, tensors[name + "_scale_inv"], torch.bfloat16)
+
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # the router's correction bias
+            if name in tensors:
+                buffer.copy_(tensors[name])
+        for name, param in model.named_parameters():
+            if name in tensors:
+                param.copy_(value(name))
+                continue
+            module, _, attr = name.rpartition(".")
+            pieces = ("gate_proj", "up_proj") if attr == "gate_up_proj" else ("down_proj",)
+            for e in range(param.shape[0]):
+                param[e].copy_(torch.cat([value(f"{module}.{e}.{piece}.weight") for piece in pieces]))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nvme", "cpu"])
+def test_fp8_matrices_with_partial_blocks_stream_as_stored_and_equal_the_formats_dequantization(kind, tmp_path, caplog):
+    # transformers 5.25 cannot load these on the CPU: 320 rows over 3 block rows raise in its Fp8Dequantize, and the
+    # 192-row matrices over 2 block rows it would scale in 96-row blocks; the reference is the format's definition
+    from safetensors.torch import save_file
+
+    tensors = write_fp8_moe_checkpoint(tmp_path / "ckpt", "deepseek_v3", partial=True)
+    mtp = "model.layers.61.self_attn.kv_a_proj_with_mqa.weight"  # DeepSeek-V3's MTP layer, which the model ignores
+    tensors[mtp], tensors[mtp + "_scale_inv"] = fp8_blocks(torch.randn(320, 256))
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    attention = "model.layers.1.self_attn."
+    shapes = {n: tuple(tensors[attention + n + ".weight_scale_inv"].shape) for n in ("kv_a_proj_with_mqa", "o_proj")}
+    assert shapes == {"kv_a_proj_with_mqa": (3, 2), "o_proj": (2, 1)}  # partial rows, partial columns
+    reference = naive_fp8_model(tmp_path / "ckpt", tensors)
+    ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0))
+    config = OffloadConfig(offload_device=kind, nvme_path=nvme_path(kind, tmp_path), expert_cache_size=2)
+    with caplog.at_level("WARNING"):
+        model = load_offloaded(tmp_path / "ckpt", config).eval()
+    assert "FP8 tensors" not in caplog.text and "LOAD REPORT" not in caplog.text  # nothing left to transformers
+    try:
+        generate_stats(model, reference, ids)
+    finally:
+        disable_offload(model)
+    for name, param in reference.named_parameters():  # put back: the format's values
+        assert torch.equal(model.get_parameter(name), param), name
+
+
+def test_the_load_report_of_other_unexpected_keys_is_kept(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    tensors = write_fp8_moe_checkpoint(tmp_path / "ckpt", "deepseek_v3", partial=True)
+    tensors["model.layers.0.unknown.weight"] = torch.zeros(4)  # a key the model does not have, the user's to see
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    config = OffloadConfig(offload_device="cpu", prefetch_depth=1)
+    with caplog.at_level("WARNING"):
+        disable_offload(load_offloaded(tmp_path / "ckpt", config))
+    assert "LOAD REPORT" in caplog.text and "model.layers.0.unknown.weight" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "rows, cols, dtype",
+    [(576, 256, torch.bfloat16), (256, 200, torch.bfloat16), (70, 8256, torch.float32), (384, 128, torch.float16)],
+)
+def test_fp8_dequantization_of_partial_blocks_equals_the_naive_one(rows, cols, dtype):
+    from hf_moe_offload.offload.quantize import Fp8BlockScheme, dequantize_into
+
+    generator = torch.Generator().manual_seed(rows + cols)
+    values, scale = fp8_blocks(torch.randn(rows, cols, generator=generator))
+    target = QuantTarget(TensorSpec("w", dtype, (rows, cols)), -1, Fp8BlockScheme())
+    assert tuple(scale.shape) == target.parts()[1].shape
+    out = torch.empty(rows, cols + 3, dtype=dtype)[:, :cols]  # a strided output, as expert-major views are
+    dequantize_into(out, (values, scale), target)
+    assert torch.equal(out, naive_fp8_dequantize(values, scale, dtype))
 
 
 def generate_stats(model, reference, ids, new_tokens: int = 4):
@@ -579,7 +687,7 @@ def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(ki
     "change, message",
     [
         ("drop_scale", r"is FP8 but the checkpoint holds no .*_scale_inv"),
-        ("block_96_128", r"weight_block_size \[96, 128\] must divide the shape of every FP8 matrix"),
+        ("block_96_128", r"_scale_inv of .* is F32 \[2, 2\]: a float32 \(3, 2\) grid of \[96, 128\] blocks .* 256x256"),
         ("block_64_256", r"_scale_inv of .* is F32 \[2, 2\]: a float32 \(4, 1\) grid of \[64, 256\] blocks"),
         ("per_tensor", r"weight_block_size \(None\) .* per-tensor FP8 scales are not supported"),
     ],
@@ -600,6 +708,16 @@ def test_an_fp8_checkpoint_the_store_cannot_keep_is_refused_before_any_write(cha
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(fields))
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
     with pytest.raises(ValueError, match=message):
+        load_offloaded(tmp_path / "ckpt", config)
+    assert not (tmp_path / "store").exists() or not [p for p in os.listdir(tmp_path / "store") if "unit" in p]
+
+
+def test_fp8_experts_with_partial_blocks_are_refused_before_any_write(tmp_path):
+    write_fp8_moe_checkpoint(tmp_path / "ckpt", "qwen3_moe", partial=True)
+    config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
+    with pytest.raises(
+        ValueError, match=r"\[128, 128\] must divide .* every FP8 expert matrix: .*gate_proj.weight is 64x256"
+    ):
         load_offloaded(tmp_path / "ckpt", config)
     assert not (tmp_path / "store").exists() or not [p for p in os.listdir(tmp_path / "store") if "unit" in p]
 
@@ -662,17 +780,21 @@ def test_an_mxfp4_checkpoint_is_streamed_as_stored_and_equals_transformers_load(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-partial", "mxfp4"])
 def test_cuda_dequantization_of_a_quantized_checkpoint_equals_transformers(fmt, tmp_path):
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
-    if fmt == "fp8":
+    if fmt == "fp8-partial":  # transformers cannot load it (see above): the format's own dequantization
+        reference = naive_fp8_model(tmp_path / "ckpt", write_fp8_moe_checkpoint(tmp_path / "ckpt", "deepseek_v3", True))
+    elif fmt == "fp8":
         write_fp8_checkpoint(tmp_path / "ckpt", 0)
         dequantizing = FineGrainedFP8Config(weight_block_size=(128, 128), dequantize=True)
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=dequantizing)
     else:
         write_mxfp4_checkpoint(tmp_path / "ckpt")
-        dequantizing = Mxfp4Config(dequantize=True)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=dequantizing)
+        reference = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "ckpt", quantization_config=Mxfp4Config(dequantize=True)
+        )
     reference = reference.to("cuda").eval()
     ids = torch.randint(0, VOCAB_FP8, (2, 6), generator=torch.Generator().manual_seed(0)).to("cuda")
     config = OffloadConfig(offload_device="cpu", execution_device="cuda", prefetch_depth=1, expert_cache_size=2)

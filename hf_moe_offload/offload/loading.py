@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,15 +62,38 @@ class _DropDiskOffloadWarning(std_logging.Filter):
         return "Some parameters are on the meta device" not in record.getMessage()
 
 
+# What the scales of an FP8 matrix with partial blocks are renamed to while transformers loads the checkpoint (see
+# `_partial_block_scales`): a name no model has, which transformers then reports as an unexpected key
+_UNLOADED_SCALES = "hf_moe_offload_streamed_block_scales"
+
+
+class _DropOwnLoadReport(std_logging.Filter):
+    """transformers' load report lists the scales `load_offloaded` kept from it as unexpected keys: a report that lists
+    nothing else is dropped (one that lists other keys too is kept whole)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line for line in message.splitlines() if "|" in line and not set(line) <= set("-+| ")][1:]
+        return not rows or not all(_UNLOADED_SCALES in row for row in rows)
+
+
 @contextmanager
-def _quiet_disk_offload_warning() -> Iterator[None]:
-    logger = std_logging.getLogger("accelerate.big_modeling")
-    dropped = _DropDiskOffloadWarning()
-    logger.addFilter(dropped)
+def _quiet_loading_logs() -> Iterator[None]:
+    """accelerate's disk-offload warning and transformers' report of the scales kept from it, dropped while
+    `load_offloaded` has transformers load the checkpoint."""
+    filters = [
+        (std_logging.getLogger("accelerate.big_modeling"), _DropDiskOffloadWarning()),
+        (std_logging.getLogger("transformers.modeling_utils"), _DropOwnLoadReport()),
+    ]
+    for emitter, dropped in filters:
+        emitter.addFilter(dropped)
     try:
         yield
     finally:
-        logger.removeFilter(dropped)
+        for emitter, dropped in filters:
+            emitter.removeFilter(dropped)
 
 
 def _lazy_weights(model: nn.Module):
@@ -164,6 +188,12 @@ def load_offloaded(
             f"({scheme.label}): use weight_bits=None, its weights are streamed as stored"
         )
     _check_quantizable(model_config, config, from_pretrained_kwargs)
+    if isinstance(scheme, Fp8BlockScheme):
+        # transformers cannot dequantize a matrix with partial blocks (it raises, or, where the grid happens to divide
+        # the shape, takes other blocks): it must not see their scales; the store reads those matrices as stored
+        renames = _partial_block_scales(_meta_model(model_config, from_pretrained_kwargs), scheme)
+        if renames:
+            from_pretrained_kwargs["key_mapping"] = {**renames, **(from_pretrained_kwargs.get("key_mapping") or {})}
     if dtype is None:
         dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
@@ -191,7 +221,7 @@ def load_offloaded(
         # the store keeps the checkpoint's bytes and the runtime dequantizes them on the device
         from_pretrained_kwargs["quantization_config"] = _dequantizing_config(scheme)
     try:
-        with _quiet_disk_offload_warning():
+        with _quiet_loading_logs():
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path,
                 device_map={"": "disk"},
@@ -226,13 +256,39 @@ def _check_quantizable(model_config, config, from_pretrained_kwargs: dict) -> No
     alone, before any weight is read."""
     if config.weight_bits is None:
         return
+    quantization_targets(
+        _meta_model(model_config, from_pretrained_kwargs), QuantScheme(config.weight_bits, config.weight_group_size)
+    )
+
+
+def _meta_model(model_config, from_pretrained_kwargs: dict) -> nn.Module:
+    """The model of `model_config` on the meta device (its parameters' names and shapes, no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        return AutoModelForCausalLM.from_config(
             model_config, trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False)
         )
-    quantization_targets(model, QuantScheme(config.weight_bits, config.weight_group_size))
+
+
+def _partial_block_scales(model: nn.Module, scheme: Fp8BlockScheme) -> dict[str, str]:
+    """A `key_mapping` for `from_pretrained` that renames the `weight_scale_inv` of every matrix the blocks do not
+    divide (DeepSeek-V3's 576-row `kv_a_proj_with_mqa`) to a name no parameter has.
+
+    Workaround: transformers' `Fp8Dequantize` derives the block size from the shape of the scale grid, so a partial
+    last block makes it raise (576 rows, 5 block rows) or, where the grid happens to divide the shape, scale with blocks
+    of another size. Without its scales transformers loads such a matrix cast from FP8 (values the store never uses: it
+    reads the matrix and its scales from the checkpoint, `_fp8_targets`). A name without a scale in the checkpoint is
+    renamed to nothing, harmlessly."""
+    b0, b1 = scheme.block
+    modules = [
+        name.removesuffix(".weight")
+        for name, param in model.named_parameters()
+        if name.endswith(".weight") and param.dim() == 2 and (param.shape[0] % b0 or param.shape[1] % b1)
+    ]
+    if not modules:
+        return {}
+    return {rf"^({'|'.join(re.escape(m) for m in modules)})\.weight_scale_inv$": rf"\1.{_UNLOADED_SCALES}"}
 
 
 def _checkpoint_scheme(name_or_path: str, model_config) -> Fp8BlockScheme | Mxfp4Scheme | None:
@@ -336,20 +392,26 @@ def _mxfp4_targets(model: nn.Module, name_or_path: str, scheme, headers: dict) -
     return targets
 
 
-def _fp8_matrix(name: str, name_or_path: str, headers: dict, rows: int, cols: int, block) -> None:
-    """Check that the FP8 checkpoint tensor `name` of shape (rows, cols) has its block scales."""
+def _fp8_matrix(
+    name: str, name_or_path: str, headers: dict, rows: int, cols: int, scheme, expert: bool = False
+) -> None:
+    """Check that the FP8 checkpoint tensor `name` of shape (rows, cols) has its block scales. A matrix the blocks do
+    not divide has a partly filled last block row or column (DeepSeek-V3's 576-row `kv_a_proj_with_mqa`); an expert's
+    must be whole blocks (its gate and up projections are stacked into one matrix, and so are their scales)."""
     scale = headers.get(name + "_scale_inv")
     if scale is None:
         raise ValueError(f"{name} of {name_or_path} is FP8 but the checkpoint holds no {name}_scale_inv")
-    if rows % block[0] or cols % block[1]:
+    block = list(scheme.block)
+    if expert and (rows % block[0] or cols % block[1]):
         raise ValueError(
-            f"weight_block_size {list(block)} must divide the shape of every FP8 matrix: {name} is {rows}x{cols} "
-            f"(partial blocks are not supported)"
+            f"weight_block_size {block} must divide the shape of every FP8 expert matrix: {name} is {rows}x{cols} "
+            f"(partial blocks are supported for the other matrices, not for experts)"
         )
-    if tuple(scale[1]["shape"]) != (rows // block[0], cols // block[1]) or scale[1]["dtype"] != "F32":
+    grid = scheme.grid(rows, cols)
+    if tuple(scale[1]["shape"]) != grid or scale[1]["dtype"] != "F32":
         raise ValueError(
             f"{name}_scale_inv of {name_or_path} is {scale[1]['dtype']} {scale[1]['shape']}: a float32 "
-            f"({rows // block[0]}, {cols // block[1]}) grid of {list(block)} blocks is expected"
+            f"{grid} grid of {block} blocks is expected for {rows}x{cols}"
         )
 
 
@@ -361,13 +423,12 @@ _PER_EXPERT = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_pro
 def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sources: dict) -> dict[str, QuantTarget]:
     """The model's matrices the checkpoint holds in FP8 with their block scales: as they are, or (fused experts) as
     per-expert tensors; fills `sources` with the checkpoint tensors of each stored part."""
-    block = scheme.block
     targets: dict[str, QuantTarget] = {}
     for name, param in model.named_parameters():
         entry = headers.get(name)
         if entry is not None and entry[1]["dtype"] == "F8_E4M3" and param.dim() == 2:
             rows, cols = param.shape
-            _fp8_matrix(name, name_or_path, headers, rows, cols, block)
+            _fp8_matrix(name, name_or_path, headers, rows, cols, scheme)
             target = QuantTarget(TensorSpec(name, param.dtype, (rows, cols)), -1, scheme)
             values, scales = target.parts()
             sources[values.name], sources[scales.name] = name, name + "_scale_inv"
@@ -383,7 +444,7 @@ def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sou
             continue  # not every expert in FP8: stored as transformers loads it
         for expert in names:
             for n in expert:
-                _fp8_matrix(n, name_or_path, headers, *headers[n][1]["shape"], block)
+                _fp8_matrix(n, name_or_path, headers, *headers[n][1]["shape"], scheme, expert=True)
         if sum(headers[n][1]["shape"][0] for n in names[0]) != rows or headers[names[0][0]][1]["shape"][1] != cols:
             continue  # another layout than (experts, outputs, inputs): stored as transformers loads it
         target = QuantTarget(TensorSpec(name, param.dtype, (experts, rows, cols)), -1, scheme)
@@ -394,7 +455,15 @@ def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sou
     covered = set()
     for source in sources.values():
         covered.update([source] if isinstance(source, str) else (n for expert in source for n in expert))
-    converted = [t for t, (_, info) in headers.items() if info["dtype"] == "F8_E4M3" and t not in covered]
+    # (not those the model declares it ignores: DeepSeek-V3's multi-token-prediction layer 61, which it does not run)
+    ignored = re.compile(
+        "|".join(f"(?:{p})" for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()) or "(?!)"
+    )
+    converted = [
+        t
+        for t, (_, info) in headers.items()
+        if info["dtype"] == "F8_E4M3" and t not in covered and ignored.search(t) is None
+    ]
     if converted:
         logger.warning(
             f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are neither the model's parameters "

@@ -83,6 +83,10 @@ class Fp8BlockScheme:
     def name(self) -> str:
         return f"fp8-e4m3-block{self.block[0]}x{self.block[1]}"
 
+    def grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The shape of the scales of a (rows, cols) matrix: one per block, a partly filled last block included."""
+        return -(-rows // self.block[0]), -(-cols // self.block[1])
+
     @property
     def label(self) -> str:
         return "FP8 (checkpoint)"
@@ -132,10 +136,9 @@ class QuantTarget:
                 TensorSpec(self.name + MXFP4_SUFFIXES[1], torch.uint8, (*lead, cols, groups)),
             )
         if isinstance(self.scheme, Fp8BlockScheme):
-            b0, b1 = self.scheme.block
             return (
                 TensorSpec(self.name + FP8_SUFFIXES[0], torch.float8_e4m3fn, self.spec.shape),
-                TensorSpec(self.name + FP8_SUFFIXES[1], torch.float32, (*lead, rows // b0, cols // b1)),
+                TensorSpec(self.name + FP8_SUFFIXES[1], torch.float32, (*lead, *self.scheme.grid(rows, cols))),
             )
         g = self.scheme.group_size
         groups = (*lead, rows, cols // g) if self.input_dim == -1 else (*lead, rows // g, cols)
@@ -296,15 +299,24 @@ def _dequantize_mxfp4(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Ten
 
 def _dequantize_fp8(out: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, target: QuantTarget) -> None:
     """One FP8 matrix, in pieces of whole block rows: `values.float() * scale` (one rounding), then to `out`'s dtype,
-    as transformers' `Fp8Dequantize` computes it."""
+    as transformers' `Fp8Dequantize` computes it; a last block row or column that the matrix only partly fills (a
+    DeepSeek-V3 `kv_a_proj_with_mqa` of 576 rows) takes its block's scale, as DeepSeek's own `weight_dequant` does."""
     b0, b1 = target.scheme.block
     rows, cols = out.shape
+    block_rows, _ = target.scheme.grid(rows, cols)
+    whole = cols // b1  # the column blocks the matrix fills
     per_piece = max(1, _PIECE // (b0 * cols))
-    for start in range(0, rows // b0, per_piece):
-        end = min(rows // b0, start + per_piece)
-        piece = values[start * b0 : end * b0].to(torch.float32).view(end - start, b0, cols // b1, b1)
-        piece = piece * scale[start:end].to(torch.float32).view(end - start, 1, cols // b1, 1)
-        out[start * b0 : end * b0].copy_(piece.view((end - start) * b0, cols))
+    for start in range(0, block_rows, per_piece):
+        end = min(block_rows, start + per_piece)
+        first, last = start * b0, min(rows, end * b0)
+        steps = scale[start:end].to(torch.float32).repeat_interleave(b0, dim=0)[: last - first]  # (rows, col blocks)
+        piece = values[first:last].to(torch.float32)  # (rows, cols)
+        if whole:
+            full = piece[:, : whole * b1].view(last - first, whole, b1)
+            full.mul_(steps[:, :whole].unsqueeze(-1))
+        if whole * b1 < cols:
+            piece[:, whole * b1 :].mul_(steps[:, whole:])
+        out[first:last].copy_(piece)
 
 
 def _dequantize_matrix(out: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor, target: QuantTarget):
