@@ -292,14 +292,8 @@ def test_a_group_size_that_does_not_divide_a_matrix_names_it_before_any_write(tm
 
 
 def test_load_offloaded_checks_the_groups_before_reading_the_checkpoint(tmp_path, monkeypatch):
-    import transformers
-
     tiny_model("gpt2").save_pretrained(tmp_path / "ckpt")
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("from_pretrained ran before the check")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    refuse_loading(monkeypatch)
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store", weight_bits=8, weight_group_size=64)
     with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight of GPT2LMHeadModel .* 32 inputs"):
         load_offloaded(tmp_path / "ckpt", config)
@@ -692,7 +686,7 @@ def test_an_fp8_checkpoint_is_streamed_as_stored_and_equals_transformers_load(ki
         ("per_tensor", r"weight_block_size \(None\) .* per-tensor FP8 scales are not supported"),
     ],
 )
-def test_an_fp8_checkpoint_the_store_cannot_keep_is_refused_before_any_write(change, message, tmp_path):
+def test_an_fp8_checkpoint_the_store_cannot_keep_is_refused_before_any_write(change, message, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     write_fp8_checkpoint(tmp_path / "ckpt", 0)
@@ -706,14 +700,26 @@ def test_an_fp8_checkpoint_the_store_cannot_keep_is_refused_before_any_write(cha
     else:
         fields["quantization_config"]["weight_block_size"] = None
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(fields))
+    refuse_loading(monkeypatch)  # a local checkpoint's scales are checked before transformers reads it
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
     with pytest.raises(ValueError, match=message):
         load_offloaded(tmp_path / "ckpt", config)
     assert not (tmp_path / "store").exists() or not [p for p in os.listdir(tmp_path / "store") if "unit" in p]
 
 
-def test_fp8_experts_with_partial_blocks_are_refused_before_any_write(tmp_path):
+def refuse_loading(monkeypatch) -> None:
+    """transformers' `from_pretrained` fails the test if it is called."""
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("from_pretrained ran before the check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+
+
+def test_fp8_experts_with_partial_blocks_are_refused_before_any_write(tmp_path, monkeypatch):
     write_fp8_moe_checkpoint(tmp_path / "ckpt", "qwen3_moe", partial=True)
+    refuse_loading(monkeypatch)
     config = OffloadConfig(offload_device="nvme", nvme_path=tmp_path / "store")
     with pytest.raises(
         ValueError, match=r"\[128, 128\] must divide .* every FP8 expert matrix: .*gate_proj.weight is 64x256"

@@ -188,12 +188,17 @@ def load_offloaded(
             f"({scheme.label}): use weight_bits=None, its weights are streamed as stored"
         )
     _check_quantizable(model_config, config, from_pretrained_kwargs)
-    if isinstance(scheme, Fp8BlockScheme):
-        # transformers cannot dequantize a matrix with partial blocks (it raises, or, where the grid happens to divide
-        # the shape, takes other blocks): it must not see their scales; the store reads those matrices as stored
-        renames = _partial_block_scales(_meta_model(model_config, from_pretrained_kwargs), scheme)
-        if renames:
-            from_pretrained_kwargs["key_mapping"] = {**renames, **(from_pretrained_kwargs.get("key_mapping") or {})}
+    if scheme is not None:
+        meta = _meta_model(model_config, from_pretrained_kwargs)
+        if os.path.isdir(name_or_path):  # its scales checked before transformers reads anything (a Hub one: after)
+            _quantized_checkpoint(meta, name_or_path, scheme, from_pretrained_kwargs, warn=False)
+        if isinstance(scheme, Fp8BlockScheme):
+            # transformers cannot dequantize a matrix with partial blocks (it raises, or, where the grid happens to
+            # divide the shape, takes other blocks): it must not see their scales; the store reads them as stored
+            renames = _partial_block_scales(meta, scheme)
+            if renames:
+                kept = from_pretrained_kwargs.get("key_mapping") or {}
+                from_pretrained_kwargs["key_mapping"] = {**renames, **kept}
     if dtype is None:
         dtype = config.dtype
     if isinstance(dtype, str) and dtype != "auto":
@@ -327,10 +332,11 @@ def _dequantizing_config(scheme):
     return FineGrainedFP8Config(weight_block_size=scheme.block, dequantize=True)
 
 
-def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pretrained_kwargs: dict):
+def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pretrained_kwargs: dict, warn: bool = True):
     """(targets, raw reader) of the quantized checkpoint of `scheme`: the model's matrices the checkpoint holds in FP8
     with block scales, or its experts in MXFP4, each read as stored; ({}, None) without a scheme. A clear ValueError
-    naming the tensor for missing or misshapen scales, or a block size that does not divide a matrix."""
+    naming the tensor for missing or misshapen scales, or experts the blocks do not divide. `warn=False`: only the
+    checks, made on the model built on the meta device before transformers loads anything (its warnings come then)."""
     if scheme is None:
         return {}, None
     headers: dict[str, tuple[str, dict]] = {}
@@ -347,7 +353,7 @@ def _quantized_checkpoint(model: nn.Module, name_or_path: str, scheme, from_pret
             for part, suffix in zip(target.parts(), ("_blocks", "_scales"), strict=True):
                 sources[part.name] = target.name + suffix
     else:
-        targets = _fp8_targets(model, name_or_path, scheme, headers, sources)
+        targets = _fp8_targets(model, name_or_path, scheme, headers, sources, warn)
     if not targets:
         return {}, None
 
@@ -420,7 +426,9 @@ def _fp8_matrix(
 _PER_EXPERT = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "up_proj": ("up_proj",)}
 
 
-def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sources: dict) -> dict[str, QuantTarget]:
+def _fp8_targets(
+    model: nn.Module, name_or_path: str, scheme, headers: dict, sources: dict, warn: bool = True
+) -> dict[str, QuantTarget]:
     """The model's matrices the checkpoint holds in FP8 with their block scales: as they are, or (fused experts) as
     per-expert tensors; fills `sources` with the checkpoint tensors of each stored part."""
     targets: dict[str, QuantTarget] = {}
@@ -464,7 +472,7 @@ def _fp8_targets(model: nn.Module, name_or_path: str, scheme, headers: dict, sou
         for t, (_, info) in headers.items()
         if info["dtype"] == "F8_E4M3" and t not in covered and ignored.search(t) is None
     ]
-    if converted:
+    if converted and warn:
         logger.warning(
             f"{len(converted)} FP8 tensors of {name_or_path} (e.g. {converted[0]}) are neither the model's parameters "
             f"nor its experts under their usual per-expert names: the store keeps them as transformers dequantizes "
