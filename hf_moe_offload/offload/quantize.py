@@ -22,7 +22,9 @@ Checkpoints published quantized are kept as they are stored, with the same codec
 (`Fp8BlockScheme`: `float8_e4m3fn` values and a float32 `weight_scale_inv` per block) and MXFP4 experts
 (`Mxfp4Scheme`: E2M1 nibbles and E8M0 exponents per 32 values), dequantized exactly as transformers dequantizes them
 on a host without the kernels, so the offloaded model equals transformers' own in-memory load (`loading.py` finds
-them in the checkpoint).
+them in the checkpoint). An FP8 matrix the blocks do not divide (DeepSeek-V3's 576-row `kv_a_proj_with_mqa`) has a
+scale for each partly filled last block too, applied as DeepSeek's `weight_dequant` applies it (transformers cannot
+dequantize such a matrix: `loading.py` keeps it from trying).
 """
 
 from __future__ import annotations
